@@ -1,0 +1,170 @@
+"""Token KL from hidden states and output heads, never materialising either model's [N, V] logits.
+
+Each chunk of positions computes both models' logits, the loss, and (under differentiation) the analytic
+gradient w.r.t. the student logits, which is immediately contracted into the student hidden-state and
+head gradients. The forward pass thus does all the work once: no rematerialisation, so the teacher head
+runs exactly once per position, and the peak extra memory is O(chunk_size * V) plus one head-gradient
+accumulator. The backward pass only scales the stored gradients by the incoming cotangent.
+
+Gradient of the mixed loss w.r.t. the student logits z at one position (s = z / T, q = softmax(s)):
+  d/dz [(1 - lam) KL(p||q) + lam KL(q||p)] = [(1 - lam)(q - p) + lam q ⊙ (log q - log p - KL(q||p))] / T
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kldistill_jax.losses import _checks
+from kldistill_jax.losses.chunking import mask_weights, scan_position_chunks
+from kldistill_jax.losses.divergences import entropy_from_log_probs, kl_from_log_probs
+
+
+# Vocabulary columns per head-gradient update. XLA does not fuse a dot into the accumulation that follows
+# it, so updating the whole [D, V] accumulator at once would allocate a second [D, V] temporary.
+HEAD_GRAD_BLOCK = 8192
+
+
+def _accumulate_head_grad(head_grad_DV, hidden_CD, dz_CV):
+  """head_grad += hidden^T @ dz, in place, one block of vocabulary columns at a time."""
+  vocab = dz_CV.shape[1]
+  block = min(HEAD_GRAD_BLOCK, vocab)
+  hidden_DC = hidden_CD.T.astype(jnp.float32)
+
+  def update(i, acc):
+    start = jnp.minimum(i * block, vocab - block)  # the last block is shifted back to end at V ...
+    fresh = start + jnp.arange(block) >= i * block  # ... and skips the columns already updated
+    dz_CB = jnp.where(fresh[None, :], lax.dynamic_slice_in_dim(dz_CV, start, block, axis=1), 0.0)
+    acc_DB = lax.dynamic_slice_in_dim(acc, start, block, axis=1) + jnp.dot(hidden_DC, dz_CB)
+    return lax.dynamic_update_slice_in_dim(acc, acc_DB, start, axis=1)
+
+  return lax.fori_loop(0, math.ceil(vocab / block), update, head_grad_DV)
+
+
+def _chunk(head_grad, fresh_C, s_hidden_CD, t_hidden_CE, weights_C, *, student_head, teacher_head, lam,
+           temperature, with_grad):
+  """One chunk: per-position loss and stats, and (with_grad) the weighted student gradients."""
+  s_logits = jnp.dot(s_hidden_CD, student_head, preferred_element_type=jnp.float32) / temperature
+  t_logits = jnp.dot(t_hidden_CE, teacher_head, preferred_element_type=jnp.float32) / temperature
+  s_logp, t_logp = jax.nn.log_softmax(s_logits), jax.nn.log_softmax(t_logits)
+  fkl, rkl = kl_from_log_probs(t_logp, s_logp), kl_from_log_probs(s_logp, t_logp)
+  out = {"loss": lam * rkl + (1.0 - lam) * fkl, "forward_kl": fkl, "reverse_kl": rkl,
+         "student_entropy": entropy_from_log_probs(s_logp),
+         "teacher_entropy": entropy_from_log_probs(t_logp)}
+  if not with_grad:
+    return head_grad, out
+  q, p = jnp.exp(s_logp), jnp.exp(t_logp)
+  log_ratio = jnp.where(s_logp > -jnp.inf, s_logp - t_logp, 0.0)
+  # A position's weight is zero when masked or already counted by an earlier (overlapping) chunk.
+  w_C = jnp.where(fresh_C & (weights_C != 0), weights_C, 0.0)[:, None] / temperature
+  dz_CV = jnp.where(w_C != 0, w_C * ((1.0 - lam) * (q - p) + lam * q * (log_ratio - rkl[:, None])), 0.0)
+  out["hidden_grad"] = jnp.dot(dz_CV, student_head.T.astype(jnp.float32))
+  head_grad = _accumulate_head_grad(head_grad, s_hidden_CD, dz_CV)
+  return head_grad, out
+
+
+def _run(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam, temperature,
+         chunk_size, with_grad):
+  init = jnp.zeros(student_head.shape, jnp.float32) if with_grad else None
+  body = functools.partial(_chunk, student_head=student_head, teacher_head=teacher_head, lam=lam,
+                           temperature=temperature, with_grad=with_grad)
+  return scan_position_chunks(body, (student_hidden, teacher_hidden, weights), chunk_size, init)
+
+
+def _loss_and_stats(out, weights):
+  loss = jnp.sum(jnp.where(weights != 0, out.pop("loss") * weights, 0.0))
+  out.pop("hidden_grad", None)
+  return loss, jax.tree.map(lax.stop_gradient, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam, temperature,
+           chunk_size):
+  _, out = _run(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam, temperature,
+                chunk_size, with_grad=False)
+  return _loss_and_stats(out, weights)
+
+
+def _fused_fwd(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam, temperature,
+               chunk_size):
+  head_grad, out = _run(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam,
+                        temperature, chunk_size, with_grad=True)
+  # Stored in the inputs' dtypes, which the backward pass reads back off the residuals.
+  residuals = (out["hidden_grad"].astype(student_hidden.dtype), head_grad.astype(student_head.dtype))
+  return _loss_and_stats(out, weights), residuals
+
+
+def _fused_bwd(chunk_size, residuals, cotangents):
+  del chunk_size
+  hidden_grad, head_grad = residuals
+  ct_loss, _ = cotangents  # the stats are diagnostics: no gradient flows through them
+  # Teacher inputs, weights, lam and temperature are constants of distillation: zero cotangents (None).
+  return ((ct_loss * hidden_grad).astype(hidden_grad.dtype), (ct_loss * head_grad).astype(head_grad.dtype),
+          None, None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_token_kl_with_stats(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *,
+                              lam, temperature=1.0, chunk_size=128, reduction="mean", num_tokens=None):
+  """`fused_token_kl` and its per-position diagnostics.
+
+  Returns:
+    (loss, stats) where stats maps "forward_kl", "reverse_kl", "student_entropy", "teacher_entropy" to
+    per-position float32 arrays of shape [...] (unmasked, not differentiable).
+  """
+  _checks.check_in_range("lam", lam, 0.0, 1.0)
+  _checks.check_temperature(temperature)
+  _checks.check_chunk_size(chunk_size)
+  _checks.check_reduction(reduction, allowed=("mean", "sum"))
+  positions = student_hidden.shape[:-1]
+  if teacher_hidden.shape[:-1] != positions:
+    raise ValueError(f"shape mismatch: student_hidden {student_hidden.shape} vs teacher_hidden "
+                     f"{teacher_hidden.shape} (positions must agree)")
+  for name, hidden, head in (("student", student_hidden, student_head),
+                             ("teacher", teacher_hidden, teacher_head)):
+    if head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
+      raise ValueError(f"{name}_head must have shape [hidden={hidden.shape[-1]}, V], got {head.shape} "
+                       f"({name}_hidden has shape {hidden.shape})")
+  if student_head.shape[1] != teacher_head.shape[1]:
+    raise ValueError(f"vocabulary size mismatch: student_head has V={student_head.shape[1]} "
+                     f"(shape {student_head.shape}), teacher_head has V={teacher_head.shape[1]} "
+                     f"(shape {teacher_head.shape})")
+  _checks.check_mask(mask, positions)
+  weights = mask_weights(mask, positions).reshape(-1)
+  if reduction == "mean":
+    denominator = jnp.sum(weights) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+    weights = jnp.where(denominator > 0, weights / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+  loss, stats = _fused(student_hidden.reshape(-1, student_hidden.shape[-1]), student_head,
+                       teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_head, weights,
+                       jnp.asarray(lam, jnp.float32), jnp.asarray(temperature, jnp.float32), chunk_size)
+  return loss, jax.tree.map(lambda v: v.reshape(positions), stats)
+
+
+def fused_token_kl(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, lam,
+                   temperature=1.0, chunk_size=128, reduction="mean", num_tokens=None):
+  """lam * KL(q_θ || p_T) + (1 - lam) * KL(p_T || q_θ) from hidden states and output heads.
+
+  Equals `mixed_kl(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, lam=lam, ...)`
+  in value and in the gradients w.r.t. the student hidden states and head, with peak extra memory
+  O(chunk_size * V) instead of O(N * V).
+
+  Args:
+    student_hidden: [..., D_s] final (post-norm) hidden states; teacher_hidden: [..., D_t], same [...].
+    student_head: [D_s, V]; teacher_head: [D_t, V] (for tied embeddings pass the embedding transposed).
+    mask: optional [...] weights.
+    lam: weight of the reverse KL in [0, 1] (0 = forward KL, 1 = reverse KL).
+    temperature: divides both models' logits.
+    chunk_size: positions per chunk (the memory/speed knob).
+    reduction: "mean" (global token mean) or "sum".
+    num_tokens: denominator for "mean" instead of the mask's count.
+
+  The teacher's inputs are constants: their gradients are zero, as with `stop_gradient`.
+  """
+  loss, _ = fused_token_kl_with_stats(student_hidden, student_head, teacher_hidden, teacher_head, mask,
+                                      lam=lam, temperature=temperature, chunk_size=chunk_size,
+                                      reduction=reduction, num_tokens=num_tokens)
+  return loss
