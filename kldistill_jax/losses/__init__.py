@@ -8,11 +8,11 @@ from kldistill_jax.losses.divergences import (entropy_from_log_probs, forward_kl
                                               kl_from_log_probs, log_probs, mixed_kl, reverse_kl,
                                               skew_forward_kl, skew_reverse_kl, token_stats)
 from kldistill_jax.losses.fused import fused_token_kl, fused_token_kl_with_stats
-from kldistill_jax.losses.sampled import (importance_weights, kl_estimate, reverse_kl_policy_gradient,
+from kldistill_jax.losses.sampled import (forward_kl_from_teacher_samples, importance_weights, kl_estimate, reverse_kl_policy_gradient,
                                           reward_to_go)
 
 __all__ = [
-    "entropy_from_log_probs", "forward_kl", "fused_token_kl", "fused_token_kl_with_stats",
+    "entropy_from_log_probs", "forward_kl", "forward_kl_from_teacher_samples", "fused_token_kl", "fused_token_kl_with_stats",
     "generalized_jsd", "importance_weights", "kl_estimate", "kl_from_log_probs", "log_probs", "mixed_kl",
     "reverse_kl", "reverse_kl_policy_gradient", "reward_to_go", "skew_forward_kl", "skew_reverse_kl",
     "token_stats",

@@ -17,12 +17,13 @@ def _as_f32(x):
 
 
 def reward_to_go(rewards, mask=None, *, discount=0.0):
-  """R_t = Σ_{k >= t} discount^(k - t) * mask_k * r_k along the last axis (masked rewards count 0).
+  """R_t = Σ_{k >= t, mask_k != 0} discount^(k - t) * r_k along the last axis (masked rewards count 0).
 
-  discount = 0 gives R_t = mask_t * r_t; discount = 1 the undiscounted sum of the future.
+  discount = 0 gives R_t = r_t at unmasked tokens; discount = 1 the undiscounted sum of the future.
   """
   _checks.check_in_range("discount", discount, 0.0, 1.0)
-  r = _as_f32(rewards) * mask_weights(mask, rewards.shape)
+  # Masked rewards are dropped; fractional mask weights scale loss terms elsewhere, never rewards.
+  r = jnp.where(mask_weights(mask, rewards.shape) != 0, _as_f32(rewards), 0.0)
 
   def step(future, r_t):
     total = r_t + discount * future
@@ -48,7 +49,8 @@ def reverse_kl_policy_gradient(student_logprobs, teacher_logprobs, mask=None, *,
   Args:
     student_logprobs: [B, T] log q_θ(y_t | s_t) of the sampled tokens; gradients flow through these.
     teacher_logprobs: [B, T] log p_T(y_t | s_t) of the same tokens; treated as constant.
-    mask: optional [B, T]; only unmasked tokens count (and earn reward).
+    mask: optional [B, T]; only unmasked tokens earn reward; float weights scale each token's term
+      of the estimate (e.g. sequence probabilities for an exact expectation over enumerated sequences).
     discount: reward-to-go discount. 0 = per-token reward (on-policy distillation as usually run);
       1 = unbiased gradient of the SEQUENCE-level reverse KL (the future terms included).
     behavior_logprobs: [B, T] log-probs under the policy that actually drew the tokens (e.g. the
@@ -75,6 +77,21 @@ def reverse_kl_policy_gradient(student_logprobs, teacher_logprobs, mask=None, *,
   surrogate = reduce_positions(-weights * returns * logq, mask, "mean", num_tokens)
   # value + (surrogate - sg(surrogate)): the value of the estimate, the gradient of the surrogate.
   return value + surrogate - lax.stop_gradient(surrogate)
+
+
+def forward_kl_from_teacher_samples(student_logprobs, teacher_logprobs, mask=None, *, num_tokens=None):
+  """Forward KL(p_T || q_θ) on tokens DRAWN FROM THE TEACHER: k1 value, cross-entropy gradient.
+
+  The value is mean_t (log p_T - log q_θ) over unmasked tokens, an unbiased estimate of the forward KL
+  at those prefixes; the gradient w.r.t. `student_logprobs` is that of the token-mean negative
+  log-likelihood, -mean_t ∇ log q_θ(y_t) (hard-label SFT on teacher samples). Shapes [B, T].
+  """
+  _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "student_logprobs", student_logprobs)
+  _checks.check_mask(mask, student_logprobs.shape)
+  logq, logp = _as_f32(student_logprobs), _as_f32(teacher_logprobs)
+  value = reduce_positions(lax.stop_gradient(logp - logq), mask, "mean", num_tokens)
+  nll = reduce_positions(-logq, mask, "mean", num_tokens)
+  return value + nll - lax.stop_gradient(nll)
 
 
 def kl_estimate(student_logprobs, teacher_logprobs, mask=None, *, kind="k1", reduction="mean",

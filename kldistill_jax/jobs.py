@@ -1,0 +1,28 @@
+"""What `run.py` runs: `config.job` names one entry of `JOBS`, a function of (config, workdir)."""
+
+import sys
+
+from kldistill_jax import identities
+
+
+def run_identities(config, workdir=None):
+  """Prints both sides of every identity; returns False if one fails its tolerance."""
+  del workdir  # nothing is written
+  checks, monte_carlo = identities.all_checks(config)
+  print(identities.format_table(checks, monte_carlo))
+  # The discount-0 "gap" row is a measurement of the future terms, not an identity.
+  failed = [c.name for c in checks if not c.name.startswith("gap") and c.relative_error > config.tolerance]
+  if abs(monte_carlo["slope"] + 0.5) > config.mc.slope_tolerance:
+    failed.append(f"Monte-Carlo slope {monte_carlo['slope']:.3f} is not -0.5 +- {config.mc.slope_tolerance}")
+  print("\nall identities hold" if not failed else "\nFAILED:\n  " + "\n  ".join(failed))
+  return not failed
+
+
+JOBS = {"identities": run_identities}
+
+
+def run(config, workdir=None):
+  if config.job not in JOBS:
+    raise ValueError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  if not JOBS[config.job](config, workdir):
+    sys.exit(1)

@@ -1,0 +1,211 @@
+"""The 2x2 of distillation (prefix source x token-level KL direction), plus mixing, as data.
+
+An `Objective` says where training prefixes come from and which token-level divergence is optimised
+with which estimator. `compute` turns model outputs and a batch into `(loss, metrics)`; it is the ONE
+place where positions are aligned: logits at position t predict token t + 1, so
+
+    predictions = logits[:, :-1]      targets = tokens[:, 1:]      weights = loss_mask[:, 1:]
+
+Batch (a dict of arrays, all aligned with `tokens`, entry t describing token t):
+  tokens            int [B, L]   prompt + response.
+  loss_mask         [B, L]       1 where token t's prediction is trained (response tokens), else 0.
+  behavior_logprobs [B, L]       optional: log-prob of token t under the policy that sampled it (the
+                                 sampler's, temperature included); importance weights for sampled
+                                 estimators at teacher prefixes. Defaults to the teacher's log-probs.
+  teacher_logprobs  [B, L]       optional: per-token teacher log-probs, used when `teacher_logits` is
+                                 None (e.g. cached teacher trajectories) by the sampled estimator.
+  num_tokens        scalar       optional: global number of trained tokens when this batch is one
+                                 micro-batch of a larger one; the loss and metrics are then this
+                                 micro-batch's share of the global token means (sum them).
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+from jax import lax
+
+from kldistill_jax import losses
+from kldistill_jax.losses import _checks
+from kldistill_jax.losses.chunking import reduce_positions
+
+PREFIXES = ("teacher", "student", "dataset")
+KLS = ("forward", "reverse", "mixed")
+ESTIMATORS = ("exact", "sampled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One cell of the design space. Invalid combinations raise ValueError naming the field.
+
+  Attributes:
+    prefix: where sequences come from: "teacher" (teacher samples), "student" (on-policy samples of the
+      current student), "dataset" (the data's own responses).
+    kl: token-level divergence: "forward" KL(p_T||q_θ), "reverse" KL(q_θ||p_T), "mixed" (see lam).
+    lam: weight of the REVERSE KL when kl="mixed" (0 = forward, 1 = reverse); must be None otherwise.
+    estimator: "exact" sums over the whole vocabulary at every prefix; "sampled" uses only the sampled
+      tokens (reverse: REINFORCE with dense reward log p_T - log q_θ, importance-weighted at teacher
+      prefixes; forward: cross-entropy on teacher samples, so only at teacher prefixes).
+    temperature: divides student and teacher logits in the loss (sampling temperature is separate).
+    discount: reward-to-go discount of the sampled reverse estimator (0 = per-token reward).
+    clip: upper truncation of importance weights (sampled estimator at teacher prefixes only).
+    chunk_size: positions per chunk for the full-vocabulary computations (None = all at once).
+  """
+  prefix: str = "student"
+  kl: str = "reverse"
+  lam: Optional[float] = None
+  estimator: str = "exact"
+  temperature: float = 1.0
+  discount: float = 0.0
+  clip: Optional[float] = None
+  chunk_size: Optional[int] = None
+
+  def __post_init__(self):
+    for field, allowed in (("prefix", PREFIXES), ("kl", KLS), ("estimator", ESTIMATORS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"objective.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+    if self.kl == "mixed":
+      if self.lam is None:
+        raise ValueError("objective.lam is required when objective.kl='mixed' (weight of the reverse KL)")
+      _checks.check_in_range("objective.lam", self.lam, 0.0, 1.0)
+    elif self.lam is not None:
+      raise ValueError(f"objective.lam={self.lam} is set but objective.kl={self.kl!r}; lam is only "
+                       "used with kl='mixed'")
+    _checks.check_temperature(self.temperature)
+    _checks.check_in_range("objective.discount", self.discount, 0.0, 1.0)
+    _checks.check_chunk_size(self.chunk_size)
+    if self.clip is not None:
+      _checks.check_in_range("objective.clip", self.clip, 0.0, float("inf"), low_open=True)
+    if self.estimator == "exact":
+      if self.discount != 0.0 or self.clip is not None:
+        raise ValueError("objective.discount and objective.clip only apply to estimator='sampled'")
+      return
+    if self.prefix == "dataset":
+      raise ValueError("objective.estimator='sampled' needs tokens drawn by a known policy; with "
+                       "prefix='dataset' use estimator='exact'")
+    if self.prefix == "student" and self.kl != "reverse":
+      raise ValueError(f"objective.kl={self.kl!r} with estimator='sampled' needs teacher samples "
+                       "(the forward KL is an expectation under p_T); use prefix='teacher' or "
+                       "estimator='exact'")
+    if self.prefix == "student" and self.clip is not None:
+      raise ValueError("objective.clip truncates importance weights, which on-policy (student) "
+                       "prefixes do not have")
+
+  @property
+  def reverse_weight(self) -> float:
+    """The weight of the reverse KL in the optimised divergence (lam, with forward=0, reverse=1)."""
+    return {"forward": 0.0, "reverse": 1.0}.get(self.kl, self.lam)
+
+
+sft = Objective(prefix="teacher", kl="forward", estimator="exact")
+dagger = Objective(prefix="student", kl="forward", estimator="exact")
+offline_rl = Objective(prefix="teacher", kl="reverse", estimator="sampled")
+opd = Objective(prefix="student", kl="reverse", estimator="sampled")
+
+
+def mixed(lam, prefix="student"):
+  """lam * reverse + (1 - lam) * forward KL, exact over the vocabulary, at `prefix` prefixes."""
+  return Objective(prefix=prefix, kl="mixed", lam=lam, estimator="exact")
+
+
+PRESETS = {"sft": sft, "dagger": dagger, "offline_rl": offline_rl, "opd": opd}
+
+
+def align(batch, *logits):
+  """(targets [B, L-1], weights [B, L-1], per-token extras shifted, logits[:, :-1] ...): the one shift."""
+  tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+  _checks.check_same_shape("batch['loss_mask']", loss_mask, "batch['tokens']", tokens)
+  for name, x in zip(("student", "teacher"), logits):
+    if x is not None and tuple(x.shape[:2]) != tuple(tokens.shape):
+      raise ValueError(f"{name} outputs have shape {x.shape} but batch['tokens'] has shape "
+                       f"{tokens.shape}; outputs must cover every token position [B, L, ...]")
+  extras = {}
+  for key in ("behavior_logprobs", "teacher_logprobs"):
+    if batch.get(key) is not None:
+      _checks.check_same_shape(f"batch[{key!r}]", batch[key], "batch['tokens']", tokens)
+      extras[key] = batch[key][:, 1:]
+  shifted = tuple(None if x is None else x[:, :-1] for x in logits)
+  return tokens[:, 1:], loss_mask[:, 1:], extras, shifted
+
+
+def _sampled_loss(objective, student_lp, teacher_lp, weights, extras, num_tokens):
+  behavior = None
+  if objective.prefix == "teacher":
+    behavior = extras.get("behavior_logprobs", teacher_lp)
+  loss = 0.0
+  if objective.reverse_weight > 0:
+    loss += objective.reverse_weight * losses.reverse_kl_policy_gradient(
+        student_lp, teacher_lp, weights, discount=objective.discount, behavior_logprobs=behavior,
+        clip=objective.clip, num_tokens=num_tokens)
+  if objective.reverse_weight < 1:
+    loss += (1.0 - objective.reverse_weight) * losses.forward_kl_from_teacher_samples(
+        student_lp, teacher_lp, weights, num_tokens=num_tokens)
+  return loss
+
+
+def _metrics(loss, stats, weights, num_tokens):
+  mean = lambda v: reduce_positions(lax.stop_gradient(v), weights, "mean", num_tokens)
+  metrics = {name: mean(value) for name, value in stats.items() if not name.endswith("_logprob")}
+  if "student_logprob" in stats and "teacher_logprob" in stats:
+    log_ratio = lax.stop_gradient(stats["teacher_logprob"] - stats["student_logprob"])
+    metrics["sampled_reverse_kl_k3"] = mean(jnp.expm1(log_ratio) - log_ratio)
+  metrics["loss"] = lax.stop_gradient(loss)
+  metrics["num_tokens"] = jnp.sum(weights.astype(jnp.float32))
+  return metrics
+
+
+def compute(objective: Objective, student_logits, teacher_logits, batch):
+  """Loss and metrics of `objective` on one batch.
+
+  Args:
+    student_logits: [B, L, V] student logits at every position of batch["tokens"] (differentiable).
+    teacher_logits: [B, L, V] teacher logits (constant), or None with the sampled estimator when
+      batch["teacher_logprobs"] holds the teacher's per-token log-probs.
+    batch: see the module docstring.
+
+  Returns:
+    (loss, metrics). metrics: "loss", "num_tokens" and the token means of "student_entropy" and, when
+    teacher logits are given, the EXACT "forward_kl", "reverse_kl" and "teacher_entropy" (whatever is
+    optimised), plus "sampled_reverse_kl_k3" (Schulman's k3 on the sampled tokens).
+  """
+  targets, weights, extras, (s_logits, t_logits) = align(batch, student_logits, teacher_logits)
+  num_tokens = batch.get("num_tokens")
+  if t_logits is None:
+    if objective.estimator != "sampled" or "teacher_logprobs" not in extras:
+      raise ValueError("teacher_logits=None needs estimator='sampled' and batch['teacher_logprobs']")
+    lp = losses.log_probs(s_logits, objective.temperature)
+    stats = {"student_entropy": losses.entropy_from_log_probs(lp),
+             "student_logprob": jnp.take_along_axis(lp, targets[..., None], -1)[..., 0],
+             "teacher_logprob": extras["teacher_logprobs"].astype(jnp.float32)}
+  else:
+    t_logits = lax.stop_gradient(t_logits)
+    stats = losses.token_stats(s_logits, t_logits, targets, temperature=objective.temperature,
+                               chunk_size=objective.chunk_size)
+  if objective.estimator == "exact":
+    lam = objective.reverse_weight
+    per_position = lam * stats["reverse_kl"] + (1.0 - lam) * stats["forward_kl"]
+    loss = reduce_positions(per_position, weights, "mean", num_tokens)
+  else:
+    loss = _sampled_loss(objective, stats["student_logprob"], lax.stop_gradient(stats["teacher_logprob"]),
+                         weights, extras, num_tokens)
+  return loss, _metrics(loss, stats, weights, num_tokens)
+
+
+def compute_from_hidden(objective: Objective, student_hidden, student_head, teacher_hidden, teacher_head,
+                        batch):
+  """`compute` for the exact estimator from final hidden states [B, L, D] and heads [D, V].
+
+  Never materialises [B, L, V] logits (see `losses.fused_token_kl`); same loss and metrics as
+  `compute` on the logits `hidden @ head`, except "sampled_reverse_kl_k3" (no token log-probs).
+  """
+  if objective.estimator != "exact":
+    raise ValueError("compute_from_hidden supports objective.estimator='exact' only; the sampled "
+                     "estimator needs token log-probs: use compute()")
+  _, weights, _, (s_hidden, t_hidden) = align(batch, student_hidden, teacher_hidden)
+  num_tokens = batch.get("num_tokens")
+  loss, stats = losses.fused_token_kl_with_stats(
+      s_hidden, student_head, t_hidden, lax.stop_gradient(teacher_head), weights,
+      lam=objective.reverse_weight, temperature=objective.temperature,
+      chunk_size=objective.chunk_size or s_hidden.shape[0] * s_hidden.shape[1],
+      num_tokens=num_tokens)
+  return loss, _metrics(loss, stats, weights, num_tokens)
