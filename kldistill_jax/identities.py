@@ -236,6 +236,29 @@ def sequence_gradients(model, table_teacher, table_student):
   )
 
 
+def future_term_gap(rng, vocab_size, lengths, draws=32):
+  """Relative size of what the discount-0 surrogate drops, ‖E[pg0] - ∇KL_seq‖ / ‖∇KL_seq‖, per length.
+
+  The per-token reward ignores how a token changes the student's later prefixes; the longer the
+  sequence, the more of the true sequence-level gradient that is. Averaged over `draws` random
+  teacher/student pairs per length (returns [len(lengths)]).
+  """
+  gaps = []
+  for length in lengths:
+    model = TabularModel.build(vocab_size, length)
+
+    def gap(key, model=model):
+      k_teacher, k_student = jax.random.split(key)
+      table_teacher, table_student = model.init(k_teacher), model.init(k_student)
+      true = jax.grad(lambda q: sequence_kl(model, q, table_teacher))(table_student)
+      pg0 = expected_policy_gradient(model, table_teacher, table_student, discount=0.0)
+      return jnp.linalg.norm(pg0 - true) / jnp.linalg.norm(true)
+
+    keys = jax.random.split(jax.random.fold_in(rng, length), draws)
+    gaps.append(float(jnp.mean(jax.jit(jax.vmap(gap))(keys))))
+  return np.asarray(gaps)
+
+
 def all_checks(config):
   """Every identity on the random instance described by `config` (see configs/identities.py).
 
