@@ -1,0 +1,75 @@
+"""Sharding rules for a ('data', 'fsdp', 'tensor') mesh: the one place logical axes meet mesh axes.
+
+Parameters carry logical axis names (`logical_axes` metadata, set in `transformer.py`); `RULES` maps
+each to a mesh axis. A dimension that the mesh axis does not divide is replicated instead (tiny test
+models on 8 devices), so every model runs unchanged on 1 device, a simulated mesh and a pod.
+Activations: the batch is split over ('data', 'fsdp'); everything else follows from the parameters.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def make_mesh(data=1, fsdp=1, tensor=1, devices=None):
+  """A ('data', 'fsdp', 'tensor') mesh with automatic (GSPMD) axis types."""
+  devices = jax.devices() if devices is None else devices
+  if data * fsdp * tensor != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+                     f"devices, but {len(devices)} are available")
+  return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _axis_size(mesh, axis):
+  if axis is None:
+    return 1
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def spec_for(shape, logical_axes, mesh):
+  """PartitionSpec for an array of `shape` with `logical_axes`; indivisible dims are replicated."""
+  if logical_axes is None:
+    return PartitionSpec()
+  mesh_axes = []
+  for dim, name in zip(shape, logical_axes):
+    axis = RULES.get(name)
+    mesh_axes.append(axis if axis is not None and dim % _axis_size(mesh, axis) == 0 else None)
+  return PartitionSpec(*mesh_axes)
+
+
+def param_shardings(state, mesh):
+  """NamedShardings for an nnx State (abstract or concrete) of a model's variables."""
+  def one(variable):
+    axes = variable.get_metadata().get("logical_axes")
+    return NamedSharding(mesh, spec_for(variable.shape, axes, mesh))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh, ndim=2):
+  """Arrays whose leading axis is the batch: split it over ('data', 'fsdp'), replicate the rest."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_model(model, mesh):
+  """Places every variable of `model` on its shard (in place) and returns the model."""
+  graphdef, state = nnx.split(model)
+  shardings = param_shardings(state, mesh)
+  state = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s)), state, shardings,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.update(model, state)
+  return model

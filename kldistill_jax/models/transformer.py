@@ -1,0 +1,170 @@
+"""Decoder-only transformer (Qwen3 / Qwen2 / Llama 3) in Flax NNX with an explicit KV cache.
+
+    logits, cache = model(tokens, positions, cache=None, attention_mask=None)
+
+tokens, positions, attention_mask: [B, T]. Without a cache, token t attends to tokens <= t that the mask
+keeps. With a cache, the T tokens are written at slots [cache.index, cache.index + T) and attend to every
+valid slot up to their own. Parameters are stored as `[in, out]` kernels and carry logical axis names
+(`logical_axes` metadata) that `models.sharding` maps onto a ('data', 'fsdp', 'tensor') mesh.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kldistill_jax.models import rope
+from kldistill_jax.models.cache import KVCache
+
+_MASKED = -1e30  # finite, so fully masked (padding) query rows give finite garbage, never NaN
+
+
+def _param(rngs, shape, dtype, axes, scale=None):
+  scale = 1.0 / jnp.sqrt(shape[0]) if scale is None else scale
+  return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Dense(nnx.Module):
+  """x @ kernel (+ bias); kernel [in, out]."""
+
+  def __init__(self, d_in, d_out, axes, *, bias=False, dtype, rngs):
+    self.kernel = _param(rngs, (d_in, d_out), dtype, axes)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
+
+  def __call__(self, x):
+    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim, eps, *, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)  # HF's order: cast, then scale
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config, *, rngs):
+    c, dtype = config, config.param_jnp_dtype
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_proj = Dense(c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"), bias=c.qkv_bias,
+                        dtype=dtype, rngs=rngs)
+    self.k_proj = Dense(c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
+                        bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = Dense(c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
+                        bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = Dense(c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"), dtype=dtype, rngs=rngs)
+    self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
+    self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
+    self.inv_freq = nnx.Variable(rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
+
+  def __call__(self, x_BTD, positions_BT, key_mask_BTS, layer_cache):
+    b, t, _ = x_BTD.shape
+    q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = jnp.asarray(self.inv_freq[...])
+    q, k = rope.apply(q, positions_BT, inv_freq), rope.apply(k, positions_BT, inv_freq)
+    if layer_cache is not None:
+      # Write this step's keys/values into the stacked [layers, B, S, ...] cache in place (one
+      # dynamic-update-slice, no per-layer copies), then attend over all of this layer's slots.
+      all_k, all_v, layer, index = layer_cache
+      at = (layer, 0, index, 0, 0)
+      all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], at)
+      all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], at)
+      k, v = all_k[layer], all_v[layer]
+      kv = (all_k, all_v)
+    else:
+      kv = None
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(self.head_dim).astype(jnp.float32)
+    scores = jnp.where(key_mask_BTS[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x_BTD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x_BTD.dtype)).reshape(b, t, -1)
+    return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config, *, rngs):
+    c, dtype = config, config.param_jnp_dtype
+    self.gate_proj = Dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.up_proj = Dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.down_proj = Dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config, *, rngs):
+    dtype = config.param_jnp_dtype
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, key_mask, layer_cache):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, layer_cache)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _block_forward(block, x, positions, key_mask, layer_cache):
+  return block(x, positions, key_mask, layer_cache)
+
+
+class Transformer(nnx.Module):
+  """The decoder. `output_head()` is the [D, V] matrix the logits come from (for the fused losses)."""
+
+  def __init__(self, config, *, rngs):
+    dtype = config.param_jnp_dtype
+    self.config = config
+    self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype, ("vocab", "embed"),
+                               scale=1.0)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs))
+
+  def output_head(self):
+    """[D, V]: the transposed embedding when tied, else the LM head kernel."""
+    return self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+  def __call__(self, tokens, positions, cache: KVCache | None = None, attention_mask=None, *,
+               return_hidden=False):
+    """Returns (float32 logits [B, T, V], or final hidden states [B, T, D] with return_hidden, new cache)."""
+    b, t = tokens.shape
+    compute = self.config.compute_jnp_dtype
+    token_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      key_mask = causal[None] & token_mask[:, None, :]
+    else:
+      valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
+      slots = jnp.arange(cache.max_len)
+      causal = slots[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
+      key_mask = causal[None] & valid[:, None, :]
+    x = self.embed_tokens[...].astype(compute)[tokens]
+    forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
+    kv = None if cache is None else (cache.k, cache.v)
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else (*kv, i, cache.index)
+      x, kv = forward(block, x, positions, key_mask, layer_cache)
+    hidden = self.norm(x)
+    if cache is not None:
+      cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
+    if return_hidden:
+      return hidden, cache
+    logits = jnp.dot(hidden, self.output_head().astype(compute), preferred_element_type=jnp.float32)
+    return logits, cache
