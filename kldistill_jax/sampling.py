@@ -1,0 +1,239 @@
+"""The in-JAX sampler: one prefill, then one jitted `lax.while_loop` decode over the explicit KV cache.
+
+    out = sample(model, prompt_tokens, prompt_mask, rng=key, max_new_tokens=256, temperature=1.0)
+
+Prompts [B, P] may be left- or right-padded (prompt_mask marks real tokens). The completion of every row
+starts at column P of `out.tokens`, so prompts stay where they were placed; RoPE positions continue from
+each row's own prompt length and padding slots are masked in the cache, so a row's result does not depend
+on the other rows (random rows use their own key: `rng` is split per row, or pass [B] keys).
+Prompt lengths are padded up to a bucket, so the decode compiles once per (batch, bucket, settings).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kldistill_jax.losses.chunking import map_position_chunks
+from kldistill_jax.losses.divergences import entropy_from_log_probs
+from kldistill_jax.models.cache import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Static sampling settings (each distinct value compiles its own decode loop)."""
+  max_new_tokens: int
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = no top-k truncation
+  top_p: float = 1.0  # 1 = no nucleus truncation
+  eos_ids: tuple = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """What `sample` returns; N = max_new_tokens, entries for completion step i sit at column P + i.
+
+  tokens:            [B, P + N] prompts as given, then completions (pad_id after a row finished).
+  completion_mask:   [B, P + N] 1 on generated tokens up to and including the first EOS.
+  sampling_logprobs: [B, P + N] log-prob of each generated token under the distribution it was drawn
+                     from (temperature, top-k, top-p applied; 0 for greedy); 0 off the completion.
+  model_logprobs:    [B, P + N] the same tokens under the untempered, untruncated model.
+  entropy:           [B, P + N] entropy of the untempered model distribution at each generated token.
+  lengths:           [B] generated tokens per row (EOS included).
+  finished:          [B] whether the row produced an EOS within the budget.
+  """
+  tokens: jax.Array
+  completion_mask: jax.Array
+  sampling_logprobs: jax.Array
+  model_logprobs: jax.Array
+  entropy: jax.Array
+  lengths: jax.Array
+  finished: jax.Array
+
+
+def process_logits(logits_BV, settings):
+  """float32 logits of the sampling distribution: / temperature, then top-k, then top-p (as HF)."""
+  logits = logits_BV.astype(jnp.float32)
+  if settings.temperature > 0:
+    logits = logits / settings.temperature
+  if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if settings.top_p < 1.0:
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep the smallest prefix whose mass reaches top_p; the most likely token is always kept.
+    keep = (mass_before < settings.top_p).at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def prompt_positions(prompt_mask):
+  """RoPE positions of prompt tokens: the count of real tokens before each one (padding gets 0)."""
+  mask = prompt_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
+
+
+def bucket_length(length, minimum=16):
+  """Prompt lengths are padded up to the next power of two (at least `minimum`)."""
+  return max(minimum, 1 << math.ceil(math.log2(max(length, 1))))
+
+
+def _step_stats(logits_BV, token_B, settings):
+  model_logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+  picked = lambda lp: jnp.take_along_axis(lp, token_B[:, None], axis=-1)[:, 0]
+  sampling_logp = (jnp.zeros(token_B.shape, jnp.float32) if settings.temperature == 0 else
+                   picked(jax.nn.log_softmax(process_logits(logits_BV, settings))))
+  return sampling_logp, picked(model_logp), entropy_from_log_probs(model_logp)
+
+
+def _draw(logits_BV, keys_B, step, settings):
+  if settings.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  processed = process_logits(logits_BV, settings)
+  draw_one = lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)
+  return jax.vmap(draw_one)(keys_B, processed).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_tokens.shape
+  n = settings.max_new_tokens
+  cache = init_cache(model.config, b, p + n)
+  positions = prompt_positions(prompt_mask)
+  logits, cache = model(prompt_tokens, positions, cache, prompt_mask)
+  prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+  # The last REAL prompt token (wherever the padding is) predicts the first new one.
+  last = jnp.max(jnp.where(prompt_mask.astype(bool), jnp.arange(p)[None], 0), axis=1)
+  next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)
+
+  zeros = jnp.zeros((b, n), jnp.float32)
+  init = dict(step=jnp.zeros((), jnp.int32), logits=next_logits, cache=cache,
+              tokens=jnp.full((b, n), settings.pad_id, jnp.int32), mask=jnp.zeros((b, n), jnp.int32),
+              sampling_logp=zeros, model_logp=zeros, entropy=zeros, finished=jnp.zeros((b,), bool))
+
+  def cond(s):
+    return (s["step"] < n) & ~jnp.all(s["finished"])
+
+  def body(s):
+    i, active = s["step"], ~s["finished"]
+    token = jnp.where(active, _draw(s["logits"], keys, i, settings), settings.pad_id)
+    sampling_logp, model_logp, entropy = _step_stats(s["logits"], token, settings)
+    write = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(
+        buf, jnp.where(active, value, 0).astype(buf.dtype)[:, None], i, axis=1)
+    finished = s["finished"] | (active & jnp.any(token[:, None] == eos[None], axis=1))
+    logits, cache = model(token[:, None], (prompt_len + i)[:, None], s["cache"], active[:, None])
+    return dict(step=i + 1, logits=logits[:, 0], cache=cache,
+                tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], token[:, None], i, axis=1),
+                mask=write(s["mask"], 1), sampling_logp=write(s["sampling_logp"], sampling_logp),
+                model_logp=write(s["model_logp"], model_logp), entropy=write(s["entropy"], entropy),
+                finished=finished)
+
+  s = jax.lax.while_loop(cond, body, init)
+  pad = lambda x, value=0: jnp.concatenate([jnp.full((b, p), value, x.dtype), x], axis=1)
+  return SampleOutput(tokens=jnp.concatenate([prompt_tokens.astype(jnp.int32), s["tokens"]], axis=1),
+                      completion_mask=pad(s["mask"]), sampling_logprobs=pad(s["sampling_logp"]),
+                      model_logprobs=pad(s["model_logp"]), entropy=pad(s["entropy"]),
+                      lengths=jnp.sum(s["mask"], axis=1), finished=s["finished"])
+
+
+def _row_keys(rng, batch):
+  keys = jnp.asarray(rng)
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.wrap_key_data(keys)
+  if keys.ndim == 0:
+    return jax.random.split(keys, batch)
+  if keys.shape != (batch,):
+    raise ValueError(f"rng must be one key or [B={batch}] keys, got shape {keys.shape}")
+  return keys
+
+
+def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperature=1.0, top_k=0,
+           top_p=1.0, eos_ids=(), pad_id=0, bucket=True) -> SampleOutput:
+  """Samples `max_new_tokens` (or until every row emitted one of `eos_ids`) after each prompt.
+
+  Args:
+    model: a `models.Transformer` (possibly sharded; prompts may be sharded over the batch).
+    prompt_tokens, prompt_mask: [B, P]; mask 1 on real prompt tokens (left/right padding both work).
+    rng: a PRNG key (split per row) or [B] keys. temperature 0 is greedy.
+    top_k, top_p: truncations of the sampling distribution (0 / 1.0 = off).
+    bucket: pad P up to `bucket_length(P)` so that varying prompt lengths reuse one compiled loop.
+  """
+  settings = SamplerSettings(max_new_tokens, float(temperature), int(top_k), float(top_p),
+                             tuple(int(e) for e in eos_ids), int(pad_id))
+  if prompt_tokens.shape != prompt_mask.shape or prompt_tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must "
+                     "both be [B, P]")
+  b, p = prompt_tokens.shape
+  width = bucket_length(p) if bucket else p
+  tokens = jnp.pad(jnp.asarray(prompt_tokens, jnp.int32), ((0, 0), (0, width - p)),
+                   constant_values=settings.pad_id)
+  mask = jnp.pad(jnp.asarray(prompt_mask, jnp.int32), ((0, 0), (0, width - p)))
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, tokens, mask, _row_keys(rng, b), settings)
+  if width == p:
+    return out
+  drop = lambda x: jnp.concatenate([x[:, :p], x[:, width:]], axis=1)  # the bucket's padding columns
+  return dataclasses.replace(out, **{f: drop(getattr(out, f)) for f in
+                                     ("tokens", "completion_mask", "sampling_logprobs", "model_logprobs",
+                                      "entropy")})
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _score(graphdef, state, tokens, mask, temperature, chunk_size):
+  model = nnx.merge(graphdef, state)
+  hidden, _ = model(tokens, prompt_positions(mask), None, mask, return_hidden=True)
+  head = model.output_head()
+  b, length, d = hidden.shape
+
+  def chunk_fn(hidden_CD, target_C):
+    logits = jnp.dot(hidden_CD, head.astype(hidden_CD.dtype), preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits / temperature)
+    return (jnp.take_along_axis(logp, target_C[:, None], axis=-1)[:, 0], entropy_from_log_probs(logp))
+
+  # Token t is predicted by the hidden state of the previous REAL token (t - 1 in a contiguous row; the
+  # last prompt token across the padding gap of a right-padded prompt), found by a running max.
+  columns = jnp.where(mask.astype(bool), jnp.arange(length)[None], -1)
+  previous = jnp.concatenate([jnp.full((b, 1), -1), jax.lax.cummax(columns, axis=1)[:, :-1]], axis=1)
+  predictor = jnp.take_along_axis(hidden, jnp.maximum(previous, 0)[..., None], axis=1)
+  logp, ent = map_position_chunks(chunk_fn, (predictor.reshape(-1, d), tokens.reshape(-1)), chunk_size)
+  keep = mask.astype(bool) & (previous >= 0)
+  return jnp.where(keep, logp.reshape(b, length), 0.0), jnp.where(keep, ent.reshape(b, length), 0.0)
+
+
+def score(model, tokens, mask, *, temperature=1.0, chunk_size=None):
+  """Per-token log-probs and predictive entropies of given sequences (e.g. teacher scoring).
+
+  Args:
+    tokens, mask: [B, L]; mask 1 on real tokens (any padding layout).
+    chunk_size: positions per chunk of the output-head pass, so [B, L, V] is never materialised.
+
+  Returns:
+    (logprobs, entropy), both [B, L] float32 and aligned with `tokens`: entry t is log p(token t | the
+    real tokens before it) and the entropy of that predictive distribution; 0 at padding and at each
+    row's first real token. Padding may sit anywhere (e.g. `sample`'s output for right-padded prompts).
+  """
+  if tokens.shape != mask.shape or tokens.ndim != 2:
+    raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [B, L]")
+  graphdef, state = nnx.split(model)
+  return _score(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32),
+                jnp.float32(temperature), chunk_size)
