@@ -109,7 +109,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_token_kl_with_stats(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *,
-                              lam, temperature=1.0, chunk_size=128, reduction="mean", num_tokens=None):
+                              lam, temperature=1.0, chunk_size=64, reduction="mean", num_tokens=None):
   """`fused_token_kl` and its per-position diagnostics.
 
   Returns:
@@ -145,7 +145,7 @@ def fused_token_kl_with_stats(student_hidden, student_head, teacher_hidden, teac
 
 
 def fused_token_kl(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, lam,
-                   temperature=1.0, chunk_size=128, reduction="mean", num_tokens=None):
+                   temperature=1.0, chunk_size=64, reduction="mean", num_tokens=None):
   """lam * KL(q_θ || p_T) + (1 - lam) * KL(p_T || q_θ) from hidden states and output heads.
 
   Equals `mixed_kl(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, lam=lam, ...)`
@@ -158,7 +158,9 @@ def fused_token_kl(student_hidden, student_head, teacher_hidden, teacher_head, m
     mask: optional [...] weights.
     lam: weight of the reverse KL in [0, 1] (0 = forward KL, 1 = reverse KL).
     temperature: divides both models' logits.
-    chunk_size: positions per chunk (the memory/speed knob).
+    chunk_size: positions per chunk (the memory/speed knob). Scratch is about 5 * chunk_size * V float32
+      plus one [D_s, 8192] block: the default 64 keeps it under 20% of one [2048, V] logits tensor at
+      Qwen3's V = 151,936 (bench/losses.py).
     reduction: "mean" (global token mean) or "sum".
     num_tokens: denominator for "mean" instead of the mask's count.
 
