@@ -1,0 +1,347 @@
+"""Hugging Face checkpoints (config.json + safetensors) <-> `Transformer`, without torch.
+
+    model = hf.load("/ckpt/Qwen3-0.6B", dtype="bfloat16", mesh=mesh)  # each tensor read onto its shards
+    hf.save(model, "/out")  # transformers.AutoModelForCausalLM.from_pretrained("/out") gives the same logits
+    tokenizer = hf.load_tokenizer("/ckpt/Qwen3-0.6B")
+
+Tensor names follow from the model's own variable paths: `layers/3/self_attn/q_proj/kernel` <->
+`model.layers.3.self_attn.q_proj.weight`, transposed (our kernels are [in, out], torch's Linear weights
+[out, in]); `scale` <-> `weight`; `embed_tokens` <-> `model.embed_tokens.weight`; `lm_head/kernel` <->
+`lm_head.weight` (absent from the files when the embeddings are tied). Local directories only: nothing is
+downloaded (fetch hub checkpoints first, e.g. with `huggingface-cli download`).
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from kldistill_jax.models import rope, sharding
+from kldistill_jax.models.config import Llama3RopeScaling, ModelConfig
+from kldistill_jax.models.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+_FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}  # model_type == family
+_MAX_POSITIONS = {"qwen3": 32768, "qwen2": 32768, "llama": 2048}  # transformers' defaults when absent
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_DTYPES = ("float32", "bfloat16", "float16")
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers that old checkpoints stored
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def config_from_hf(hf_config: dict, *, source: str = CONFIG_FILE) -> ModelConfig:
+  """A `ModelConfig` from a transformers config dict (4.x or 5.x layout); `source` names it in errors."""
+  def fail(message):
+    raise ValueError(f"{source}: {message}")
+
+  architectures = hf_config.get("architectures") or []
+  if architectures:
+    if architectures[0] not in ARCHITECTURES:
+      fail(f"unsupported architecture {architectures[0]!r} (supported: {', '.join(ARCHITECTURES)})")
+    family = ARCHITECTURES[architectures[0]]
+  elif hf_config.get("model_type") in _FAMILY_ARCHITECTURE:
+    family = hf_config["model_type"]
+  else:
+    fail(f"unsupported model_type {hf_config.get('model_type')!r} and no supported `architectures` "
+         f"(supported: {', '.join(ARCHITECTURES)})")
+
+  if hf_config.get("hidden_act", "silu") != "silu":
+    fail(f"unsupported hidden_act {hf_config['hidden_act']!r} (only 'silu')")
+  if family != "qwen2" and hf_config.get("attention_bias"):
+    fail(f"attention_bias=True is not supported for {family} (it adds an o_proj bias)")
+  if hf_config.get("mlp_bias"):
+    fail("mlp_bias=True is not supported")
+  layer_types = hf_config.get("layer_types") or []
+  if hf_config.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+    fail("sliding-window attention is not supported")
+
+  # transformers 5: {"rope_parameters": {"rope_theta", "rope_type", ...}}; 4.x: top-level rope_theta and
+  # an optional `rope_scaling` dict keyed by "rope_type" (or the older "type").
+  rope_config = dict(hf_config.get("rope_scaling") or {})
+  rope_config.update(hf_config.get("rope_parameters") or {})
+  rope_type = rope_config.get("rope_type", rope_config.get("type", "default"))
+  if rope_type == "default":
+    rope_scaling = None
+  elif rope_type == "llama3":
+    missing = [k for k in _LLAMA3_KEYS if k not in rope_config]
+    if missing:
+      fail(f"llama3 rope scaling lacks {missing}")
+    rope_scaling = Llama3RopeScaling(
+        factor=float(rope_config["factor"]), low_freq_factor=float(rope_config["low_freq_factor"]),
+        high_freq_factor=float(rope_config["high_freq_factor"]),
+        original_max_position_embeddings=int(rope_config["original_max_position_embeddings"]))
+  else:
+    fail(f"unsupported rope type {rope_type!r} (supported: 'default', 'llama3')")
+  if rope_config.get("partial_rotary_factor", 1.0) != 1.0:
+    fail("partial_rotary_factor != 1 is not supported")
+
+  try:
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    sizes = dict(vocab_size=hf_config["vocab_size"], hidden_size=hidden,
+                 intermediate_size=hf_config["intermediate_size"], num_layers=hf_config["num_hidden_layers"],
+                 num_heads=heads)
+  except KeyError as e:
+    fail(f"missing key {e.args[0]!r}")
+  dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
+  return ModelConfig(
+      **sizes,
+      num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+      head_dim=hf_config.get("head_dim") or hidden // heads,
+      family=family, qk_norm=family == "qwen3", qkv_bias=family == "qwen2",
+      tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+      rope_theta=float(rope_config.get("rope_theta", hf_config.get("rope_theta", 10_000.0))),
+      rope_scaling=rope_scaling,
+      max_position_embeddings=int(hf_config.get("max_position_embeddings", _MAX_POSITIONS[family])),
+      param_dtype=dtype if dtype in _DTYPES else "float32")
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+  """The transformers 5 config dict (`AutoConfig`-loadable) of `config`."""
+  expected = (config.family == "qwen3", config.family == "qwen2")
+  if (config.qk_norm, config.qkv_bias) != expected:
+    raise ValueError(f"family {config.family!r} has qk_norm={expected[0]}, qkv_bias={expected[1]} in "
+                     f"transformers, got qk_norm={config.qk_norm}, qkv_bias={config.qkv_bias}")
+  rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+  if config.rope_scaling is not None:
+    rope_parameters.update(rope_type="llama3", **{k: getattr(config.rope_scaling, k) for k in _LLAMA3_KEYS})
+  hf_config = {
+      "architectures": [_FAMILY_ARCHITECTURE[config.family]],
+      "model_type": config.family,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_parameters": rope_parameters,
+      "max_position_embeddings": config.max_position_embeddings,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "dtype": config.param_dtype,
+      "use_cache": True,
+  }
+  if config.family != "qwen2":
+    hf_config["attention_bias"] = False
+  if config.family == "llama":
+    hf_config["mlp_bias"] = False
+  return hf_config
+
+
+def read_config(path) -> ModelConfig:
+  """The `ModelConfig` of the checkpoint directory `path`."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist (hf.load reads local directories "
+                            f"only; download hub checkpoints first)")
+  config_file = path / CONFIG_FILE
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{config_file} not found: {path} is not a Hugging Face checkpoint directory")
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot read {config_file}: {e}") from e
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"{config_file} does not hold a JSON object")
+  return config_from_hf(hf_config, source=str(config_file))
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+def _hf_name(keypath):
+  """(safetensors name, whether the tensor is stored transposed) of an nnx variable path."""
+  keys = [str(k) for k in keypath]
+  if keys == ["embed_tokens"]:
+    return "model.embed_tokens.weight", False
+  leaf = {"kernel": "weight", "scale": "weight"}.get(keys[-1], keys[-1])
+  prefix = "" if keys[0] == "lm_head" else "model."
+  return prefix + ".".join(keys[:-1] + [leaf]), keys[-1] == "kernel"
+
+
+def _buffer_value(config, keypath, var):
+  """Non-parameter variables are not stored in checkpoints: recompute them from the config."""
+  if keypath[-1] == "inv_freq":
+    return np.asarray(rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling),
+                      var.dtype)
+  raise ValueError(f"hf.load cannot fill the non-parameter variable {'/'.join(map(str, keypath))}")
+
+
+class _Checkpoint:
+  """Tensor name -> (file, lazily read memory-mapped slice) over one file or an index of shards."""
+
+  def __init__(self, path, stack):
+    single, index = path / WEIGHTS_FILE, path / INDEX_FILE
+    if single.is_file():  # transformers' order of preference
+      files = [single]
+    elif index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the weight_map of {index}: {e!r}") from e
+      files = [path / name for name in sorted(set(weight_map.values()))]
+      for file in files:
+        if not file.is_file():
+          raise FileNotFoundError(f"{file}, listed in {index}, does not exist")
+    else:
+      raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    self.description = str(single if single.is_file() else index)
+    self.file_of, self._handles = {}, {}
+    for file in files:
+      handle = stack.enter_context(safe_open(str(file), framework="numpy"))
+      self._handles[file] = handle
+      self.file_of.update({name: file for name in handle.keys()})
+
+  def shape(self, name):
+    return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+
+  def slice(self, name):
+    return self._handles[self.file_of[name]].get_slice(name)
+
+
+def _reader(tensor_slice, transpose, dtype):
+  """index (tuple of slices into OUR layout) -> numpy array of that block, read from the file."""
+  def read(index):
+    index = tuple(index)
+    block = tensor_slice[index[::-1]].T if transpose else tensor_slice[index]
+    return np.asarray(block).astype(dtype, copy=False)
+  return read
+
+
+# ------------------------------------------------------------------------------------------- load/save
+
+def load(path, *, dtype=None, compute_dtype=None, mesh=None) -> Transformer:
+  """The `Transformer` of the checkpoint directory `path`, each tensor placed on its shard as it is read.
+
+  dtype: parameter dtype (default: the checkpoint's `dtype`, float32 when it names none); compute_dtype:
+  activation dtype (default float32); mesh: a ('data', 'fsdp', 'tensor') mesh (`sharding.make_mesh`), the
+  parameters then carry `sharding.param_shardings` and every device reads only its own block.
+  """
+  path = pathlib.Path(path)
+  config = read_config(path)
+  if dtype is not None:
+    config = config.replace(param_dtype=jnp.dtype(dtype).name)
+  if compute_dtype is not None:
+    config = config.replace(compute_dtype=jnp.dtype(compute_dtype).name)
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))  # no random init
+  graphdef, state = nnx.split(abstract)
+  flat = list(nnx.to_flat_state(state))
+  shardings = dict(nnx.to_flat_state(sharding.param_shardings(state, mesh))) if mesh is not None else {}
+  with contextlib.ExitStack() as stack:
+    checkpoint = _Checkpoint(path, stack)
+    _check_names_and_shapes(checkpoint, config, flat, path / CONFIG_FILE)
+    values = []
+    for keypath, var in flat:
+      if isinstance(var, nnx.Param):
+        name, transpose = _hf_name(keypath)
+        read = _reader(checkpoint.slice(name), transpose, var.dtype)
+      else:
+        buffer = _buffer_value(config, keypath, var)
+        read = lambda index, buffer=buffer: buffer[tuple(index)]
+      if mesh is None:
+        value = jax.device_put(read((slice(None),) * len(var.shape)))
+      else:
+        value = jax.make_array_from_callback(var.shape, shardings[keypath], read)
+      values.append((keypath, var.replace(value)))
+  return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def _check_names_and_shapes(checkpoint, config, flat, config_file):
+  expected = {}
+  for keypath, var in flat:
+    if isinstance(var, nnx.Param):
+      name, transpose = _hf_name(keypath)
+      expected[name] = tuple(var.shape[::-1] if transpose else var.shape)
+  missing = [name for name in expected if name not in checkpoint.file_of]
+  if missing:
+    raise ValueError(f"checkpoint {checkpoint.description} lacks {len(missing)} tensor(s) that {config_file} "
+                     f"implies: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+  def ignorable(name):  # tied checkpoints may still carry the (unused) head, as transformers ignores it
+    return _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings)
+  extra = sorted(name for name in checkpoint.file_of if name not in expected and not ignorable(name))
+  if extra:
+    listed = ", ".join(f"{name} (in {checkpoint.file_of[name]})" for name in extra[:8])
+    raise ValueError(f"{len(extra)} unexpected tensor(s) that {config_file} does not imply: {listed}"
+                     f"{' ...' if len(extra) > 8 else ''}")
+  for name, shape in expected.items():
+    if checkpoint.shape(name) != shape:
+      raise ValueError(f"tensor {name!r} in {checkpoint.file_of[name]} has shape {checkpoint.shape(name)}, "
+                       f"but {config_file} implies {shape}")
+
+
+def _to_host(array):
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(jax.device_get(array))
+
+
+def _safetensors_header(params, dtype):
+  """The header bytes of a safetensors file holding `params` [(name, transpose, variable)] back to back."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, transpose, var in params:
+    shape = list(var.shape[::-1] if transpose else var.shape)
+    size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape,
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
+  return struct.pack("<Q", len(header_bytes)) + header_bytes
+
+
+def save(model: Transformer, path, *, dtype=None):
+  """Writes `path`/config.json and `path`/model.safetensors (torch layout), one tensor on the host at a time.
+
+  dtype: store the parameters in this dtype (default: the model's). Every process must call it (sharded
+  arrays are gathered); process 0 writes.
+  """
+  path = pathlib.Path(path)
+  config = model.config if dtype is None else model.config.replace(param_dtype=jnp.dtype(dtype).name)
+  if config.param_dtype not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"cannot save parameters as {config.param_dtype} (supported: {', '.join(_DTYPES)})")
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  params = sorted((*_hf_name(keypath), var) for keypath, var in flat)
+  writer = jax.process_index() == 0
+  temporary = path / (WEIGHTS_FILE + ".tmp")
+  with contextlib.ExitStack() as stack:
+    if writer:
+      path.mkdir(parents=True, exist_ok=True)
+      f = stack.enter_context(open(temporary, "wb"))
+      f.write(_safetensors_header(params, config.param_dtype))
+    for _, transpose, var in params:
+      array = _to_host(var[...]).astype(config.param_jnp_dtype, copy=False)
+      if writer:
+        f.write(np.ascontiguousarray(array.T if transpose else array).tobytes())
+  if writer:
+    os.replace(temporary, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+
+
+def load_tokenizer(path):
+  """`transformers.AutoTokenizer` of a local checkpoint directory (chat template included)."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"tokenizer directory {path} does not exist (local directories only)")
+  if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer_config.json")
+  import transformers  # pylint: disable=g-import-not-at-top  (only tokenizers need it)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
