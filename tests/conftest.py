@@ -1,0 +1,7 @@
+"""Simulate 8 CPU devices (for the sharding tests); must run before jax is imported anywhere."""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
