@@ -1,6 +1,6 @@
 """Benchmark: value+gradient of the mixed token KL (lam=0.5) in naive, chunked and fused forms.
 
-Command (full run, ~15-25 minutes on a 2-core CPU; run it in the background):
+Command (full run with the sweep: ~1 hour on a shared, loaded 2-core CPU; run it in the background):
 
     python bench/losses.py
     nohup python bench/losses.py --sweep-chunks > /tmp/bench_losses.txt 2>&1 &
