@@ -324,7 +324,9 @@ def _score_case():
   return tokens, mask
 
 
-@pytest.mark.parametrize("chunk_size", [None, 5, 7])  # B * L = 30
+# B = 3, L = 10: 6 divides B * L = 30 (and gives 6 // B = 2 time steps, dividing L); 9 divides neither
+# (9 // B = 3 steps), so both the flattened-position and the time-axis chunking have a ragged last chunk.
+@pytest.mark.parametrize("chunk_size", [None, 6, 9])
 def test_score_equals_full_forward(model, chunk_size):
   tokens, mask = _score_case()
   real = [tokens[b][mask[b] > 0] for b in range(3)]
@@ -346,7 +348,7 @@ def test_score_equals_full_forward(model, chunk_size):
 def test_score_of_sampler_output_matches_its_model_logprobs(model, sampled):
   _, out = sampled
   mask = np.maximum(np.pad(PROMPT_MASK, ((0, 0), (0, N))), np.asarray(out.completion_mask))
-  logp, ent = sampling.score(model, out.tokens, mask, chunk_size=8)
+  logp, ent = sampling.score(model, out.tokens, mask, chunk_size=15)  # [3, 12]: ragged either way
   completion = np.asarray(out.completion_mask) > 0
   np.testing.assert_allclose(np.asarray(logp)[completion], np.asarray(out.model_logprobs)[completion],
                              atol=1e-4)
