@@ -203,21 +203,22 @@ def _score(graphdef, state, tokens, mask, temperature, chunk_size):
   model = nnx.merge(graphdef, state)
   hidden, _ = model(tokens, prompt_positions(mask), None, mask, return_hidden=True)
   head = model.output_head()
-  b, length, d = hidden.shape
+  b, length, _ = hidden.shape
 
-  def chunk_fn(hidden_CD, target_C):
-    logits = jnp.dot(hidden_CD, head.astype(hidden_CD.dtype), preferred_element_type=jnp.float32)
+  def chunk_fn(hidden_BCD, target_BC):
+    logits = jnp.dot(hidden_BCD, head.astype(hidden_BCD.dtype), preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits / temperature)
-    return (jnp.take_along_axis(logp, target_C[:, None], axis=-1)[:, 0], entropy_from_log_probs(logp))
+    picked = jnp.take_along_axis(logp, target_BC[..., None], axis=-1)[..., 0]
+    return picked, entropy_from_log_probs(logp)
 
   # Token t is predicted by the hidden state of the previous REAL token (t - 1 in a contiguous row; the
   # last prompt token across the padding gap of a right-padded prompt), found by a running max.
   columns = jnp.where(mask.astype(bool), jnp.arange(length)[None], -1)
   previous = jnp.concatenate([jnp.full((b, 1), -1), jax.lax.cummax(columns, axis=1)[:, :-1]], axis=1)
   predictor = jnp.take_along_axis(hidden, jnp.maximum(previous, 0)[..., None], axis=1)
-  logp, ent = map_position_chunks(chunk_fn, (predictor.reshape(-1, d), tokens.reshape(-1)), chunk_size)
+  logp, ent = map_position_chunks(chunk_fn, (predictor, tokens), chunk_size)
   keep = mask.astype(bool) & (previous >= 0)
-  return jnp.where(keep, logp.reshape(b, length), 0.0), jnp.where(keep, ent.reshape(b, length), 0.0)
+  return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
 
 
 def score(model, tokens, mask, *, temperature=1.0, chunk_size=None):
@@ -225,7 +226,8 @@ def score(model, tokens, mask, *, temperature=1.0, chunk_size=None):
 
   Args:
     tokens, mask: [B, L]; mask 1 on real tokens (any padding layout).
-    chunk_size: positions per chunk of the output-head pass, so [B, L, V] is never materialised.
+    chunk_size: about how many positions per chunk of the output-head pass, so [B, L, V] is never
+      materialised.
 
   Returns:
     (logprobs, entropy), both [B, L] float32 and aligned with `tokens`: entry t is log p(token t | the

@@ -283,14 +283,7 @@ def _with_masked_vocab(seed=15, n_masked=3):
   return s, t
 
 
-_NAN_GRAD_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="BUG divergences.py:48 _log_mixture: jnp.logaddexp(-inf, -inf) has a NaN gradient, so "
-           "JSD/skew KLs give NaN student gradients when both models mask a vocabulary entry with -inf")
-
-
-@pytest.mark.parametrize("name", [n if n not in SKEW_AND_JSD else pytest.param(n, marks=_NAN_GRAD_XFAIL)
-                                  for n in LOSSES])
+@pytest.mark.parametrize("name", LOSSES)
 def test_masked_vocabulary_entries(name):
   """-inf logits in both models (e.g. a masked vocabulary) give finite values and gradients."""
   fn, ref_fn = LOSSES[name]
@@ -335,9 +328,6 @@ def test_fully_masked_padding_rows_values():
     np.testing.assert_allclose(fn(s, t, mask), ref.reduce(valid, mask), rtol=RTOL, err_msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG chunking.py:83 / divergences.py:33: masking by `where` after the "
-                   "kernel keeps NaN out of the value but not the gradient: a masked all -inf padding row "
-                   "gives NaN student gradients at that row")
 def test_fully_masked_padding_rows_grads():
   s, t = logits_pair(seed=18)
   s[0, 0] = -np.inf

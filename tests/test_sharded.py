@@ -86,9 +86,6 @@ def test_unchunked_loss_keeps_batch_sharding(mesh):
   assert tuple(grad.sharding.spec)[:1] == (BATCH,), grad.sharding.spec
 
 
-@pytest.mark.xfail(strict=True, reason="PERF chunking.py scan_position_chunks: the scan over chunks of the "
-                   "FLATTENED global positions makes XLA all-gather batch-sharded inputs, so chunked losses "
-                   "and fused_token_kl compute every position on every device (values stay correct)")
 def test_chunked_and_fused_keep_batch_sharding(mesh):
   s, t, m = data()
   f = jax.jit(jax.grad(lambda a, b, c: L.reverse_kl(a, b, c, chunk_size=4)))

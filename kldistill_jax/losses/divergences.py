@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kldistill_jax.losses import _checks
-from kldistill_jax.losses.chunking import flatten_positions, map_position_chunks, reduce_positions
+from kldistill_jax.losses.chunking import as_batch_time, map_position_chunks, reduce_positions
 
 
 def log_probs(logits, temperature=1.0):
@@ -45,7 +45,12 @@ def _log_mixture(logp, logq, weight_p):
     return logq
   if weight_p == 1.0:
     return logp
-  return jnp.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
+  # Where both are -inf (a vocabulary entry both models mask), logaddexp's gradient is NaN: feed it
+  # zeros there and put the -inf back afterwards, so no NaN reaches the gradient.
+  both_masked = (logp == -jnp.inf) & (logq == -jnp.inf)
+  a = jnp.where(both_masked, 0.0, logp + math.log(weight_p))
+  b = jnp.where(both_masked, 0.0, logq + math.log1p(-weight_p))
+  return jnp.where(both_masked, -jnp.inf, jnp.logaddexp(a, b))
 
 
 # Per-position divergence kernels: (student log-probs, teacher log-probs) -> [...]; lam etc. bound by partial.
@@ -74,18 +79,25 @@ def _skew_reverse(s_logp, t_logp, *, alpha):
   return kl_from_log_probs(s_logp, _log_mixture(s_logp, t_logp, alpha))
 
 
-def per_position(kernel, student_logits, teacher_logits, *, temperature=1.0, chunk_size=None):
-  """kernel(student log-probs, teacher log-probs) evaluated at every position: returns [...] float32."""
+def per_position(kernel, student_logits, teacher_logits, *, temperature=1.0, chunk_size=None, mask=None):
+  """kernel(student log-probs, teacher log-probs) evaluated at every position: returns [...] float32.
+
+  Positions where `mask` is 0 are computed on zero logits instead of theirs, so that padding rows
+  (e.g. all -inf) put no NaN into the gradient; their values are meaningless and the reductions drop them.
+  """
   _checks.check_logits_pair(student_logits, teacher_logits)
   _checks.check_temperature(temperature)
   _checks.check_chunk_size(chunk_size)
-  s_NV, t_NV = flatten_positions(student_logits, teacher_logits)
+  s_BTV, t_BTV = as_batch_time(student_logits, 1), as_batch_time(teacher_logits, 1)
+  keep_BT = as_batch_time(jnp.ones(student_logits.shape[:-1], bool) if mask is None else mask != 0, 0)
 
-  def chunk_fn(s_CV, t_CV):
-    return kernel(log_probs(s_CV, temperature), log_probs(t_CV, temperature))
+  def chunk_fn(s_BCV, t_BCV, keep_BC):
+    s_BCV = jnp.where(keep_BC[..., None], s_BCV, 0.0)
+    t_BCV = jnp.where(keep_BC[..., None], t_BCV, 0.0)
+    return kernel(log_probs(s_BCV, temperature), log_probs(t_BCV, temperature))
 
-  values_N = map_position_chunks(chunk_fn, (s_NV, t_NV), chunk_size)
-  return values_N.reshape(student_logits.shape[:-1])
+  values = map_position_chunks(chunk_fn, (s_BTV, t_BTV, keep_BT), chunk_size)
+  return values.reshape(student_logits.shape[:-1])
 
 
 def _token_loss(kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
@@ -93,7 +105,7 @@ def _token_loss(kernel, student_logits, teacher_logits, mask, temperature, reduc
   _checks.check_reduction(reduction)
   _checks.check_mask(mask, student_logits.shape[:-1])
   values = per_position(kernel, student_logits, teacher_logits, temperature=temperature,
-                        chunk_size=chunk_size)
+                        chunk_size=chunk_size, mask=mask)
   return reduce_positions(values, mask, reduction, num_tokens)
 
 
@@ -179,17 +191,17 @@ def token_stats(student_logits, teacher_logits, targets=None, *, temperature=1.0
   _checks.check_temperature(temperature)
   _checks.check_chunk_size(chunk_size)
   _checks.check_mask(targets, student_logits.shape[:-1], name="targets")
-  s_NV, t_NV = flatten_positions(student_logits, teacher_logits)
-  xs = (s_NV, t_NV) if targets is None else (s_NV, t_NV, targets.reshape(-1))
+  s_BTV, t_BTV = as_batch_time(student_logits, 1), as_batch_time(teacher_logits, 1)
+  xs = (s_BTV, t_BTV) if targets is None else (s_BTV, t_BTV, as_batch_time(targets, 0))
 
-  def chunk_fn(s_CV, t_CV, targets_C=None):
-    s_logp, t_logp = log_probs(s_CV, temperature), log_probs(t_CV, temperature)
+  def chunk_fn(s_BCV, t_BCV, targets_BC=None):
+    s_logp, t_logp = log_probs(s_BCV, temperature), log_probs(t_BCV, temperature)
     out = {"forward_kl": _forward(s_logp, t_logp), "reverse_kl": _reverse(s_logp, t_logp),
            "student_entropy": entropy_from_log_probs(s_logp),
            "teacher_entropy": entropy_from_log_probs(t_logp)}
-    if targets_C is not None:
-      out["student_logprob"] = jnp.take_along_axis(s_logp, targets_C[:, None], axis=-1)[:, 0]
-      out["teacher_logprob"] = jnp.take_along_axis(t_logp, targets_C[:, None], axis=-1)[:, 0]
+    if targets_BC is not None:
+      out["student_logprob"] = jnp.take_along_axis(s_logp, targets_BC[..., None], axis=-1)[..., 0]
+      out["teacher_logprob"] = jnp.take_along_axis(t_logp, targets_BC[..., None], axis=-1)[..., 0]
     return out
 
   stats = map_position_chunks(chunk_fn, xs, chunk_size)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kldistill_jax.losses import _checks
-from kldistill_jax.losses.chunking import mask_weights, scan_position_chunks
+from kldistill_jax.losses.chunking import as_batch_time, mask_weights, scan_position_chunks
 from kldistill_jax.losses.divergences import entropy_from_log_probs, kl_from_log_probs
 
 
@@ -27,27 +27,27 @@ from kldistill_jax.losses.divergences import entropy_from_log_probs, kl_from_log
 HEAD_GRAD_BLOCK = 8192
 
 
-def _accumulate_head_grad(head_grad_DV, hidden_CD, dz_CV):
+def _accumulate_head_grad(head_grad_DV, hidden_ND, dz_NV):
   """head_grad += hidden^T @ dz, in place, one block of vocabulary columns at a time."""
-  vocab = dz_CV.shape[1]
+  vocab = dz_NV.shape[1]
   block = min(HEAD_GRAD_BLOCK, vocab)
-  hidden_DC = hidden_CD.T.astype(jnp.float32)
+  hidden_DN = hidden_ND.T.astype(jnp.float32)
 
   def update(i, acc):
     start = jnp.minimum(i * block, vocab - block)  # the last block is shifted back to end at V ...
     fresh = start + jnp.arange(block) >= i * block  # ... and skips the columns already updated
-    dz_CB = jnp.where(fresh[None, :], lax.dynamic_slice_in_dim(dz_CV, start, block, axis=1), 0.0)
-    acc_DB = lax.dynamic_slice_in_dim(acc, start, block, axis=1) + jnp.dot(hidden_DC, dz_CB)
+    dz_NB = jnp.where(fresh[None, :], lax.dynamic_slice_in_dim(dz_NV, start, block, axis=1), 0.0)
+    acc_DB = lax.dynamic_slice_in_dim(acc, start, block, axis=1) + jnp.dot(hidden_DN, dz_NB)
     return lax.dynamic_update_slice_in_dim(acc, acc_DB, start, axis=1)
 
   return lax.fori_loop(0, math.ceil(vocab / block), update, head_grad_DV)
 
 
-def _chunk(head_grad, fresh_C, s_hidden_CD, t_hidden_CE, weights_C, *, student_head, teacher_head, lam,
+def _chunk(head_grad, fresh, s_hidden_BCD, t_hidden_BCE, weights_BC, *, student_head, teacher_head, lam,
            temperature, with_grad):
-  """One chunk: per-position loss and stats, and (with_grad) the weighted student gradients."""
-  s_logits = jnp.dot(s_hidden_CD, student_head, preferred_element_type=jnp.float32) / temperature
-  t_logits = jnp.dot(t_hidden_CE, teacher_head, preferred_element_type=jnp.float32) / temperature
+  """One chunk [B, c]: per-position loss and stats, and (with_grad) the weighted student gradients."""
+  s_logits = jnp.dot(s_hidden_BCD, student_head, preferred_element_type=jnp.float32) / temperature
+  t_logits = jnp.dot(t_hidden_BCE, teacher_head, preferred_element_type=jnp.float32) / temperature
   s_logp, t_logp = jax.nn.log_softmax(s_logits), jax.nn.log_softmax(t_logits)
   fkl, rkl = kl_from_log_probs(t_logp, s_logp), kl_from_log_probs(s_logp, t_logp)
   out = {"loss": lam * rkl + (1.0 - lam) * fkl, "forward_kl": fkl, "reverse_kl": rkl,
@@ -58,10 +58,11 @@ def _chunk(head_grad, fresh_C, s_hidden_CD, t_hidden_CE, weights_C, *, student_h
   q, p = jnp.exp(s_logp), jnp.exp(t_logp)
   log_ratio = jnp.where(s_logp > -jnp.inf, s_logp - t_logp, 0.0)
   # A position's weight is zero when masked or already counted by an earlier (overlapping) chunk.
-  w_C = jnp.where(fresh_C & (weights_C != 0), weights_C, 0.0)[:, None] / temperature
-  dz_CV = jnp.where(w_C != 0, w_C * ((1.0 - lam) * (q - p) + lam * q * (log_ratio - rkl[:, None])), 0.0)
-  out["hidden_grad"] = jnp.dot(dz_CV, student_head.T.astype(jnp.float32))
-  head_grad = _accumulate_head_grad(head_grad, s_hidden_CD, dz_CV)
+  w = jnp.where(fresh & (weights_BC != 0), weights_BC, 0.0)[..., None] / temperature
+  dz_BCV = jnp.where(w != 0, w * ((1.0 - lam) * (q - p) + lam * q * (log_ratio - rkl[..., None])), 0.0)
+  out["hidden_grad"] = jnp.dot(dz_BCV, student_head.T.astype(jnp.float32))
+  head_grad = _accumulate_head_grad(head_grad, s_hidden_BCD.reshape(-1, s_hidden_BCD.shape[-1]),
+                                    dz_BCV.reshape(-1, dz_BCV.shape[-1]))
   return head_grad, out
 
 
@@ -134,13 +135,13 @@ def fused_token_kl_with_stats(student_hidden, student_head, teacher_hidden, teac
                      f"(shape {student_head.shape}), teacher_head has V={teacher_head.shape[1]} "
                      f"(shape {teacher_head.shape})")
   _checks.check_mask(mask, positions)
-  weights = mask_weights(mask, positions).reshape(-1)
+  weights = mask_weights(mask, positions)
   if reduction == "mean":
     denominator = jnp.sum(weights) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
     weights = jnp.where(denominator > 0, weights / jnp.where(denominator > 0, denominator, 1.0), 0.0)
-  loss, stats = _fused(student_hidden.reshape(-1, student_hidden.shape[-1]), student_head,
-                       teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_head, weights,
-                       jnp.asarray(lam, jnp.float32), jnp.asarray(temperature, jnp.float32), chunk_size)
+  loss, stats = _fused(as_batch_time(student_hidden, 1), student_head, as_batch_time(teacher_hidden, 1),
+                       teacher_head, as_batch_time(weights, 0), jnp.asarray(lam, jnp.float32),
+                       jnp.asarray(temperature, jnp.float32), chunk_size)
   return loss, jax.tree.map(lambda v: v.reshape(positions), stats)
 
 
