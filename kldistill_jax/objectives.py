@@ -205,7 +205,6 @@ def compute_from_hidden(objective: Objective, student_hidden, student_head, teac
   num_tokens = batch.get("num_tokens")
   loss, stats = losses.fused_token_kl_with_stats(
       s_hidden, student_head, t_hidden, lax.stop_gradient(teacher_head), weights,
-      lam=objective.reverse_weight, temperature=objective.temperature,
-      chunk_size=objective.chunk_size or s_hidden.shape[0] * s_hidden.shape[1],
+      lam=objective.reverse_weight, temperature=objective.temperature, chunk_size=objective.chunk_size,
       num_tokens=num_tokens)
   return loss, _metrics(loss, stats, weights, num_tokens)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from kldistill_jax.losses.chunking import map_position_chunks
 from kldistill_jax.losses.divergences import entropy_from_log_probs
+from kldistill_jax.models import sharding
 from kldistill_jax.models.cache import init_cache
 
 
@@ -105,19 +106,25 @@ def _step_stats(logits_BV, token_B, settings):
 
 
 def _draw(logits_BV, keys_B, step, settings):
+  """One token per row. Sampling inverts the CDF with ONE uniform per row (a [B, V] Gumbel draw per
+  step costs more than the whole forward pass of a small model on a CPU)."""
   if settings.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  processed = process_logits(logits_BV, settings)
-  draw_one = lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)
-  return jax.vmap(draw_one)(keys_B, processed).astype(jnp.int32)
+  cdf = jnp.cumsum(jax.nn.softmax(process_logits(logits_BV, settings), axis=-1), axis=-1)
+  # u in (0, total mass]: the first index whose CDF reaches u has nonzero probability (a truncated
+  # token's CDF entry equals its predecessor's), and rounding in the sum cannot push u past the end.
+  uniform = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step), (),
+                                                    minval=jnp.finfo(jnp.float32).tiny))(keys_B)
+  u = uniform * cdf[:, -1]
+  return jnp.sum(cdf < u[:, None], axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings):
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings, mesh=None):
   model = nnx.merge(graphdef, state)
   b, p = prompt_tokens.shape
   n = settings.max_new_tokens
-  cache = init_cache(model.config, b, p + n)
+  cache = sharding.constrain_cache(init_cache(model.config, b, p + n), mesh)
   positions = prompt_positions(prompt_mask)
   logits, cache = model(prompt_tokens, positions, cache, prompt_mask)
   prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
@@ -142,6 +149,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings):
         buf, jnp.where(active, value, 0).astype(buf.dtype)[:, None], i, axis=1)
     finished = s["finished"] | (active & jnp.any(token[:, None] == eos[None], axis=1))
     logits, cache = model(token[:, None], (prompt_len + i)[:, None], s["cache"], active[:, None])
+    cache = sharding.constrain_cache(cache, mesh)
     return dict(step=i + 1, logits=logits[:, 0], cache=cache,
                 tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], token[:, None], i, axis=1),
                 mask=write(s["mask"], 1), sampling_logp=write(s["sampling_logp"], sampling_logp),
@@ -189,7 +197,8 @@ def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperatur
                    constant_values=settings.pad_id)
   mask = jnp.pad(jnp.asarray(prompt_mask, jnp.int32), ((0, 0), (0, width - p)))
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, tokens, mask, _row_keys(rng, b), settings)
+  out = _generate(graphdef, state, tokens, mask, _row_keys(rng, b), settings,
+                  sharding.model_mesh(model))
   if width == p:
     return out
   drop = lambda x: jnp.concatenate([x[:, :p], x[:, width:]], axis=1)  # the bucket's padding columns

@@ -304,7 +304,7 @@ def test_bfloat16_compute_with_float32_params():
   assert 0.3 < np.abs(ref_logits).mean() < 3  # the tolerance below is relative to logits of scale ~1
   np.testing.assert_allclose(logits, ref_logits, atol=5e-2, rtol=0)
   assert not np.array_equal(logits, ref_logits)  # bf16 really was used
-  assert models.init_cache(bf16.config, B, T).k.dtype == jnp.bfloat16
+  assert models.init_cache(bf16.config, B, T).k[0].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

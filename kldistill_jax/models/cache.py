@@ -11,25 +11,27 @@ import jax.numpy as jnp
 class KVCache:
   """Keys and values of every layer for S slots, written left to right in lockstep across the batch.
 
-  k, v:  [layers, B, S, kv_heads, head_dim]
+  k, v:  tuples (one entry per layer) of [B, kv_heads, S, head_dim] arrays: the layout attention reads
+         without a transpose, and separate per-layer buffers that a decode loop updates in place
   valid: [B, S] bool, True where a slot holds a real (non-padding) token
   index: [] int32, the next slot to write
   A query written at slot i attends to the valid slots j <= i (causality is slot order; RoPE uses the
   explicit positions passed to the model, so left-padded rows can start at position 0).
   """
-  k: jax.Array
-  v: jax.Array
+  k: tuple
+  v: tuple
   valid: jax.Array
   index: jax.Array
 
   @property
   def max_len(self):
-    return self.k.shape[2]
+    return self.valid.shape[1]
 
 
 def init_cache(config, batch_size, max_len, dtype=None):
   """An empty cache for `max_len` slots (prompt + generated tokens) in `dtype` (default: compute)."""
   dtype = config.compute_jnp_dtype if dtype is None else jnp.dtype(dtype)
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros(), v=zeros(), valid=jnp.zeros((batch_size, max_len), bool),
+                 index=jnp.zeros((), jnp.int32))

@@ -21,6 +21,7 @@ RULES = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "batch": BATCH_AXES,
 }
 
 
@@ -63,6 +64,26 @@ def param_shardings(state, mesh):
 def batch_sharding(mesh, ndim=2):
   """Arrays whose leading axis is the batch: split it over ('data', 'fsdp'), replicate the rest."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def model_mesh(model):
+  """The mesh the model's parameters are placed on, or None (single device / unsharded)."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def constrain_cache(cache, mesh):
+  """Pins a KV cache to the mesh: batch over ('data', 'fsdp'), kv heads over 'tensor' (when they divide)."""
+  if mesh is None:
+    return cache
+  pin = lambda x, axes: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, spec_for(x.shape, axes, mesh)))
+  kv_axes = ("batch", "kv_heads", None, None)
+  return type(cache)(k=tuple(pin(x, kv_axes) for x in cache.k), v=tuple(pin(x, kv_axes) for x in cache.v),
+                     valid=pin(cache.valid, ("batch", None)), index=cache.index)
 
 
 def shard_model(model, mesh):

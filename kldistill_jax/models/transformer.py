@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kldistill_jax.models import rope
-from kldistill_jax.models.cache import KVCache
+from kldistill_jax.models.cache import KVCache, init_cache
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give finite garbage, never NaN
 
@@ -72,25 +72,26 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = jnp.asarray(self.inv_freq[...])
     q, k = rope.apply(q, positions_BT, inv_freq), rope.apply(k, positions_BT, inv_freq)
-    if layer_cache is not None:
-      # Write this step's keys/values into the stacked [layers, B, S, ...] cache in place (one
-      # dynamic-update-slice, no per-layer copies), then attend over all of this layer's slots.
-      all_k, all_v, layer, index = layer_cache
-      at = (layer, 0, index, 0, 0)
-      all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], at)
-      all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], at)
-      k, v = all_k[layer], all_v[layer]
-      kv = (all_k, all_v)
-    else:
-      kv = None
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / jnp.sqrt(self.head_dim).astype(jnp.float32)
-    scores = jnp.where(key_mask_BTS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x_BTD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x_BTD.dtype)).reshape(b, t, -1)
-    return self.o_proj(out), kv
+    # Attention runs in the cache's [B, kv_heads, slots, head_dim] layout.
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if layer_cache is not None:  # write this step's keys/values in place, attend over every slot
+      cache_k, cache_v, index = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2)
+    # Queries of one kv head's group are merged into one axis Q = groups * T. Keys/values are the LEFT
+    # operands and slots stay in the middle: XLA:CPU runs these contraction orders several times faster
+    # than the textbook "queries x keys^T" order on a long decode cache.
+    kv_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+    q = q.reshape(b, t, kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, kv_heads, groups * t, self.head_dim)
+    scores_BKSQ = jnp.einsum("bksd,bkqd->bksq", k.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    scores_BKSQ = scores_BKSQ / jnp.sqrt(self.head_dim).astype(jnp.float32)
+    mask_BSQ = jnp.broadcast_to(key_mask_BTS.transpose(0, 2, 1)[:, :, None, :], (b, k.shape[2], groups, t))
+    scores_BKSQ = jnp.where(mask_BSQ.reshape(b, 1, k.shape[2], groups * t), scores_BKSQ, _MASKED)
+    probs = jax.nn.softmax(scores_BKSQ, axis=2).astype(x_BTD.dtype)
+    out = jnp.einsum("bksq,bksd->bkqd", probs, v.astype(x_BTD.dtype))
+    out = out.reshape(b, kv_heads, groups, t, self.head_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+    return self.o_proj(out), (k, v)
 
 
 class MLP(nnx.Module):
@@ -137,6 +138,10 @@ class Transformer(nnx.Module):
     self.lm_head = (None if config.tie_word_embeddings else
                     Dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs))
 
+  def init_cache(self, batch_size, max_len, dtype=None) -> KVCache:
+    """An empty cache for `max_len` slots (default dtype: the compute dtype)."""
+    return init_cache(self.config, batch_size, max_len, dtype)
+
   def output_head(self):
     """[D, V]: the transposed embedding when tied, else the LM head kernel."""
     return self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
@@ -157,13 +162,15 @@ class Transformer(nnx.Module):
       key_mask = causal[None] & valid[:, None, :]
     x = self.embed_tokens[...].astype(compute)[tokens]
     forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
-    kv = None if cache is None else (cache.k, cache.v)
+    new_k, new_v = [], []
     for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else (*kv, i, cache.index)
-      x, kv = forward(block, x, positions, key_mask, layer_cache)
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      x, (k, v) = forward(block, x, positions, key_mask, layer_cache)
+      new_k.append(k)
+      new_v.append(v)
     hidden = self.norm(x)
     if cache is not None:
-      cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=cache.index + t)
     if return_hidden:
       return hidden, cache
     logits = jnp.dot(hidden, self.output_head().astype(compute), preferred_element_type=jnp.float32)
