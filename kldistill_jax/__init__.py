@@ -1,6 +1,10 @@
-"""kldistill_jax: LLM distillation in JAX, with prefix source and KL direction as independent choices."""
+"""kldistill_jax: LLM distillation in JAX, with prefix source and KL direction as independent choices.
 
-from kldistill_jax import losses
+Public modules: `losses` (pure functions of arrays), `objectives` (the 2x2 as data), `identities`,
+`models` (Qwen3 / Qwen2 / Llama in Flax NNX, HF interop), `sampling` (the in-JAX sampler).
+"""
+
+from kldistill_jax import losses, objectives
 
 __version__ = "0.1.0"
-__all__ = ["losses"]
+__all__ = ["losses", "objectives"]
