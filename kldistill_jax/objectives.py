@@ -6,6 +6,10 @@ place where positions are aligned: logits at position t predict token t + 1, so
 
     predictions = logits[:, :-1]      targets = tokens[:, 1:]      weights = loss_mask[:, 1:]
 
+so each row must be contiguous where it is trained (prompts LEFT-padded, as the trainer builds them; a
+right-padded prompt sampled by `sampling.sample` leaves a padding gap before its completion, which
+`sampling.score` handles but this shift does not).
+
 Batch (a dict of arrays, all aligned with `tokens`, entry t describing token t):
   tokens            int [B, L]   prompt + response.
   loss_mask         [B, L]       1 where token t's prediction is trained (response tokens), else 0.
