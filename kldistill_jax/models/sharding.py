@@ -3,7 +3,8 @@
 Parameters carry logical axis names (`logical_axes` metadata, set in `transformer.py`); `RULES` maps
 each to a mesh axis. A dimension that the mesh axis does not divide is replicated instead (tiny test
 models on 8 devices), so every model runs unchanged on 1 device, a simulated mesh and a pod.
-Activations: the batch is split over ('data', 'fsdp'); everything else follows from the parameters.
+Activations: under `jax.set_mesh(mesh)` the model pins its residual stream to ("batch", ·, ·) and its
+logits to ("batch", ·, "vocab") with `constrain`; without an ambient mesh GSPMD propagates from the inputs.
 """
 
 import jax
@@ -59,6 +60,14 @@ def param_shardings(state, mesh):
     axes = variable.get_metadata().get("logical_axes")
     return NamedSharding(mesh, spec_for(variable.shape, axes, mesh))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x, logical_axes):
+  """Pins an activation to the ambient mesh (`jax.set_mesh`) by its logical axes; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical_axes, mesh))
 
 
 def batch_sharding(mesh, ndim=2):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldistill_jax.models import rope
+from kldistill_jax.models import rope, sharding
 from kldistill_jax.models.cache import KVCache, init_cache
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give finite garbage, never NaN
@@ -160,12 +160,13 @@ class Transformer(nnx.Module):
       slots = jnp.arange(cache.max_len)
       causal = slots[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
       key_mask = causal[None] & valid[:, None, :]
-    x = self.embed_tokens[...].astype(compute)[tokens]
+    x = sharding.constrain(self.embed_tokens[...].astype(compute)[tokens], ("batch", None, None))
     forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       x, (k, v) = forward(block, x, positions, key_mask, layer_cache)
+      x = sharding.constrain(x, ("batch", None, None))
       new_k.append(k)
       new_v.append(v)
     hidden = self.norm(x)
@@ -174,4 +175,4 @@ class Transformer(nnx.Module):
     if return_hidden:
       return hidden, cache
     logits = jnp.dot(hidden, self.output_head().astype(compute), preferred_element_type=jnp.float32)
-    return logits, cache
+    return sharding.constrain(logits, ("batch", None, "vocab")), cache
