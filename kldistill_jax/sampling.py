@@ -97,26 +97,29 @@ def bucket_length(length, minimum=16):
   return max(minimum, 1 << math.ceil(math.log2(max(length, 1))))
 
 
-def _step_stats(logits_BV, token_B, settings):
+def _step(logits_BV, keys_B, step, settings):
+  """One token per row and its statistics: (token, sampling log-prob, model log-prob, model entropy).
+
+  The sampling distribution (temperature, top-k, top-p: a full sort per step when top_p < 1) is built
+  once per step and serves both the draw and the token's sampling log-prob. Sampling inverts the CDF
+  with ONE uniform per row (a [B, V] Gumbel draw per step costs more than the whole forward pass of a
+  small model on a CPU).
+  """
   model_logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
-  picked = lambda lp: jnp.take_along_axis(lp, token_B[:, None], axis=-1)[:, 0]
-  sampling_logp = (jnp.zeros(token_B.shape, jnp.float32) if settings.temperature == 0 else
-                   picked(jax.nn.log_softmax(process_logits(logits_BV, settings))))
-  return sampling_logp, picked(model_logp), entropy_from_log_probs(model_logp)
-
-
-def _draw(logits_BV, keys_B, step, settings):
-  """One token per row. Sampling inverts the CDF with ONE uniform per row (a [B, V] Gumbel draw per
-  step costs more than the whole forward pass of a small model on a CPU)."""
+  picked = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
   if settings.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  cdf = jnp.cumsum(jax.nn.softmax(process_logits(logits_BV, settings), axis=-1), axis=-1)
-  # u in (0, total mass]: the first index whose CDF reaches u has nonzero probability (a truncated
-  # token's CDF entry equals its predecessor's), and rounding in the sum cannot push u past the end.
-  uniform = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step), (),
-                                                    minval=jnp.finfo(jnp.float32).tiny))(keys_B)
-  u = uniform * cdf[:, -1]
-  return jnp.sum(cdf < u[:, None], axis=-1).astype(jnp.int32)
+    token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    sampling_logp = jnp.zeros(token.shape, jnp.float32)
+  else:
+    sampling_logp_BV = jax.nn.log_softmax(process_logits(logits_BV, settings))
+    cdf = jnp.cumsum(jnp.exp(sampling_logp_BV), axis=-1)
+    # u in (0, total mass]: the first index whose CDF reaches u has nonzero probability (a truncated
+    # token's CDF entry equals its predecessor's), and rounding in the sum cannot push u past the end.
+    uniform = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step), (),
+                                                      minval=jnp.finfo(jnp.float32).tiny))(keys_B)
+    token = jnp.sum(cdf < (uniform * cdf[:, -1])[:, None], axis=-1).astype(jnp.int32)
+    sampling_logp = picked(sampling_logp_BV, token)
+  return token, sampling_logp, picked(model_logp, token), entropy_from_log_probs(model_logp)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
@@ -143,8 +146,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings, mesh=
 
   def body(s):
     i, active = s["step"], ~s["finished"]
-    token = jnp.where(active, _draw(s["logits"], keys, i, settings), settings.pad_id)
-    sampling_logp, model_logp, entropy = _step_stats(s["logits"], token, settings)
+    token, sampling_logp, model_logp, entropy = _step(s["logits"], keys, i, settings)
+    token = jnp.where(active, token, settings.pad_id)  # finished rows' statistics are masked by `write`
     write = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(
         buf, jnp.where(active, value, 0).astype(buf.dtype)[:, None], i, axis=1)
     finished = s["finished"] | (active & jnp.any(token[:, None] == eos[None], axis=1))

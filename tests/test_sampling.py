@@ -216,14 +216,14 @@ def test_loop_stops_when_every_row_finished(model, greedy, monkeypatch):
   last = max(_first(path[b], eos) for b in range(3))
   assert last < N - 2
   steps = []
-  draw = sampling._draw
+  decode_step = sampling._step
 
-  def counting_draw(logits, keys, step, settings):
+  def counting_step(logits, keys, step, settings):
     jax.debug.callback(lambda s: steps.append(int(s)), step)
-    return draw(logits, keys, step, settings)
+    return decode_step(logits, keys, step, settings)
 
-  monkeypatch.setattr(sampling, "_draw", counting_draw)
-  sampling._generate.clear_cache()  # retrace with the counting draw
+  monkeypatch.setattr(sampling, "_step", counting_step)
+  sampling._generate.clear_cache()  # retrace with the counting step
   try:
     out = sampling.sample(model, PROMPTS, PROMPT_MASK, rng=jax.random.key(0), max_new_tokens=N,
                           temperature=0, eos_ids=tuple(sorted(eos)), pad_id=58)
