@@ -1,0 +1,1 @@
+"""Training infrastructure: checkpoints, metric writers and FLOP accounting."""
