@@ -96,6 +96,17 @@ def test_none_when_nothing_restores(tmp_path):
   assert ckpt.restore_latest({"x": jax.ShapeDtypeStruct((3,), jnp.float32)}) is None
 
 
+def test_ignores_a_save_killed_midway(tmp_path):
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, {"x": jnp.ones(3)})
+  (tmp_path / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # what a SIGKILL mid-save leaves
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+    assert ckpt.restore_latest({"x": jax.ShapeDtypeStruct((3,), jnp.float32)})[0] == 1
+    ckpt.save(2, {"x": jnp.zeros(3)})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
 def test_missing_iterator_state_is_an_error(tmp_path):
   ckpt = Checkpointer(tmp_path, async_save=False)
   ckpt.save(1, {"x": jnp.ones(3)})

@@ -31,6 +31,8 @@ class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = epath.Path(directory)
     _check_directory(self.directory)
+    # No `cleanup_tmp_directories`: only a save awaits its thread (a restore-only exit logs errors), and the
+    # `<step>.orbax-checkpoint-tmp` directories a killed save leaves are never read, and replaced on re-save.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -76,9 +78,18 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def wait(self):
-    """Blocks until every started save is on disk; call it before the process exits."""
+    """Blocks until every started save is on disk.
+
+    Call it (or `close`) before the process exits: orbax does not, and an exit mid-save loses that step.
+    """
     self._manager.wait_until_finished()
 
   def close(self):
     """Waits for pending saves and releases orbax's background threads."""
     self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
