@@ -1,0 +1,129 @@
+"""Reasoning datasets from files: JSONL (GSM8K / MATH layouts) and tfds array_record, as records.
+
+A record is dict(prompt=str, response=str (the reference solution), answer=str). Sources are random
+access (`len`, `[i]`), which is what `grain.MapDataset.source` needs.
+"""
+
+import json
+import pathlib
+
+FORMATS = ("gsm8k", "math")
+
+
+def gsm8k_answer(solution: str) -> str:
+  """The final answer of a GSM8K solution: what follows its last '####' (thousands commas removed)."""
+  _, marker, answer = solution.rpartition("####")
+  answer = answer.strip().replace(",", "")
+  if not marker or not answer:
+    raise ValueError("no '#### <answer>' in the solution")
+  return answer
+
+
+def boxed_answer(solution: str) -> str:
+  """The contents of the last \\boxed{...} in `solution` (nested braces allowed)."""
+  start = solution.rfind("\\boxed{")
+  if start < 0:
+    raise ValueError("no \\boxed{...} answer in the solution")
+  depth = 0
+  for end in range(start + len("\\boxed"), len(solution)):
+    depth += {"{": 1, "}": -1}.get(solution[end], 0)
+    if depth == 0:
+      return solution[start + len("\\boxed{"):end].strip()
+  raise ValueError("unbalanced braces in the last \\boxed{...}")
+
+
+def _field(row, key):
+  if key not in row:
+    raise ValueError(f"missing key {key!r}")
+  if not isinstance(row[key], str):
+    raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
+  return row[key]
+
+
+def _gsm8k_record(row):
+  solution = _field(row, "answer")
+  return dict(prompt=_field(row, "question"), response=solution, answer=gsm8k_answer(solution))
+
+
+def _math_record(row):
+  solution = _field(row, "solution")
+  answer = _field(row, "answer") if "answer" in row else boxed_answer(solution)
+  return dict(prompt=_field(row, "problem"), response=solution, answer=answer)
+
+
+_PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record}
+
+
+def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-builtin
+  """Records of a JSONL file in the GSM8K (`question`, `answer` ending '#### N') or MATH (`problem`,
+  `solution`, optional `answer`, else the last \\boxed{}) layout.
+
+  Any bad line raises ValueError naming the file and its 1-based line number. Blank lines are errors,
+  except at the very end of the file (an editor's trailing newlines).
+  """
+  if format not in _PARSERS:
+    raise ValueError(f"unknown data format {format!r} (expected one of {', '.join(FORMATS)})")
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from e
+  while lines and not lines[-1].strip():
+    lines.pop()
+  if not lines:
+    raise ValueError(f"{path}: no records")
+  records = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      if not line.strip():
+        raise ValueError("blank line")
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+      records.append(_PARSERS[format](row))
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      raise ValueError(f"{path}:{number}: {format} record: {e}") from e
+  return records
+
+
+class TfdsSource:
+  """Records of a prepared tfds dataset read through array_record (no TensorFlow needed)."""
+
+  def __init__(self, name, split, data_dir, prompt_key, response_key, answer_key=None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, few users)
+    self.description = f"tfds {name}[{split}] in {data_dir}"
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types (not found, unknown split, not array_record)
+      raise ValueError(f"cannot open {self.description}: {e}") from e
+    self._keys = (prompt_key, response_key, answer_key)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    row = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in self._source[index].items()}
+    prompt_key, response_key, answer_key = self._keys
+    try:
+      response = _field(row, response_key)
+      record = dict(prompt=_field(row, prompt_key), response=response)
+      record["answer"] = _field(row, answer_key) if answer_key else _reference_answer(response)
+    except ValueError as e:
+      raise ValueError(f"{self.description}, record {index}: {e}") from e
+    return record
+
+
+def _reference_answer(solution):
+  try:
+    return gsm8k_answer(solution)
+  except ValueError:
+    return boxed_answer(solution)
+
+
+def tfds_source(name, split, data_dir, prompt_key, response_key, answer_key=None) -> TfdsSource:
+  """A random-access source over `tfds.data_source(name, split, data_dir)` (array_record files).
+
+  Features are decoded from bytes to str; with `answer_key=None` the answer is extracted from the
+  response ('#### N' as in GSM8K, else the last \\boxed{}).
+  """
+  return TfdsSource(name, split, data_dir, prompt_key, response_key, answer_key)
