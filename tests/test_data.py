@@ -3,6 +3,7 @@
 import collections
 import json
 import pathlib
+import pickle
 import re
 import sys
 
@@ -16,6 +17,7 @@ from kldistill_jax.data import (ArithmeticTask, CharTokenizer, HFTokenizer, boxe
                                 eval_batches, extract_answer, format_prompt, is_correct,
                                 is_valid_solution, load_tokenizer, make_dataset, read_jsonl, solutions,
                                 tfds_source)
+from kldistill_jax.data.tokenizers import CHAR_ALPHABET
 
 DATA = pathlib.Path(__file__).parent / "data"
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -56,7 +58,7 @@ def hf_dir(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ tokenizers
 
 def test_char_tokenizer_round_trip_and_special_ids(char):
-  assert char.vocab_size % 8 == 0 and char.vocab_size >= len(arithmetic_alphabet()) + 2
+  assert char.vocab_size % 8 == 0 and char.vocab_size >= len(CHAR_ALPHABET) + 2
   assert (char.pad_id, char.eos_id, char.eos_ids, char.name) == (0, 1, (1,), "char-v1")
   text = "Question: 3+5+2=\nAnswer:\n3+2=5,5+5=10#10 -7.?"
   ids = char.encode(text)
@@ -64,11 +66,6 @@ def test_char_tokenizer_round_trip_and_special_ids(char):
   # Padding anywhere is dropped, decoding stops at the first EOS, unused ids stay visible.
   assert char.decode([0, 0] + char.encode("1+2") + [1] + char.encode("9")) == "1+2"
   assert char.decode([char.vocab_size - 1]) == "\ufffd"
-
-
-def arithmetic_alphabet():
-  from kldistill_jax.data.tokenizers import CHAR_ALPHABET  # pylint: disable=g-import-not-at-top
-  return CHAR_ALPHABET
 
 
 def test_char_tokenizer_names_unknown_character(char):
@@ -403,6 +400,15 @@ def test_process_slices_concatenate_to_the_global_batch(char, process_count):
   assert len(finite[0]) == len(finite[1]) == 8  # 16 local batches of 3 in 50 rows, 8 per process
   with pytest.raises(ValueError, match="process_index 2"):
     _make(task, char, process_index=2, process_count=2)
+
+
+def test_datasets_pickle_for_grain_workers(char, hf_dir):
+  gsm = read_jsonl(DATA / "gsm8k_sample.jsonl", "gsm8k")
+  for source, tok, template in [(ArithmeticTask(20), char, "raw"), (gsm, HFTokenizer(hf_dir), "chat")]:
+    dataset = _make(source, tok, template=template, prompt_len=200, response_len=200, batch_size=2)
+    copy = pickle.loads(pickle.dumps(dataset))
+    for key, value in dataset[1].items():
+      np.testing.assert_array_equal(copy[1][key], value)
 
 
 def test_iterator_state_resumes_exactly(char):

@@ -4,7 +4,7 @@
     response  "3+2=5,5+5=10#10"   (one of the 3! orders; the pipeline appends the tokenizer's EOS)
     answer    "10"
 
-A problem has `difficulty` terms (1..9), so the chain of thought has difficulty - 1 steps and its length
+A problem has `difficulty` terms (each 1..9), so the chain of thought has difficulty - 1 steps; its length
 grows with difficulty. Each step adds one unused term to the running sum (the first adds two terms);
 every order of the terms is a valid solution, so a teacher trained on random orders has real entropy
 over them while the answer stays exactly checkable.
@@ -25,7 +25,7 @@ import numpy as np
 SPLITS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 _PROMPT = re.compile(r"^(\d+(?:\+\d+)+)=$")
 _STEP = re.compile(r"^(\d+)\+(\d+)=(\d+)$")
-_INTEGER = re.compile(r"^[+-]?\d+")
+_INTEGER = re.compile(r"^[+-]?\d+(?:,\d{3}(?!\d))*")  # thousands commas, as in "#### 1,000"
 
 
 def _split_of(terms) -> str:
@@ -33,7 +33,7 @@ def _split_of(terms) -> str:
   return next(name for name, buckets in SPLITS.items() if bucket in buckets)
 
 
-def format_prompt(terms) -> str:
+def problem_prompt(terms) -> str:
   return "+".join(map(str, terms)) + "="
 
 
@@ -80,10 +80,10 @@ def is_valid_solution(prompt: str, response: str) -> bool:
 
 
 def extract_answer(text: str) -> str | None:
-  """The integer after the last '#' (signs and digits only; e.g. "#### 72" -> "72"), or None."""
+  """The integer that starts after the last '#' ("#### 1,000 apples" -> "1000"), or None."""
   _, hash_, tail = text.rpartition("#")
   match = _INTEGER.match(tail.strip()) if hash_ else None
-  return match.group(0) if match else None
+  return match.group(0).replace(",", "") if match else None
 
 
 def is_correct(text: str, answer: str) -> bool:
@@ -125,5 +125,5 @@ class ArithmeticTask:
       if _split_of(terms) == self.split:
         break
     order = [terms[i] for i in rng.permutation(difficulty)]
-    return dict(prompt=format_prompt(terms), response=format_solution(order), answer=str(sum(terms)),
+    return dict(prompt=problem_prompt(terms), response=format_solution(order), answer=str(sum(terms)),
                 difficulty=difficulty)
