@@ -1,7 +1,6 @@
 """Entry point: python run.py --config configs/<name>.py[:preset] [--workdir DIR] [--config.x=y ...]."""
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 
 from kldistill_jax import jobs
@@ -14,8 +13,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.info("JAX %s on %d process(es), devices: %s", jax.__version__, jax.process_count(),
-               jax.devices())
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back
+    logging.set_verbosity(logging.WARNING)
   jobs.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -2,7 +2,11 @@
 
 import sys
 
+import jax
+from absl import logging
+
 from kldistill_jax import identities
+from kldistill_jax.train import distributed, runner
 
 
 def run_identities(config, workdir=None):
@@ -18,11 +22,15 @@ def run_identities(config, workdir=None):
   return not failed
 
 
-JOBS = {"identities": run_identities}
+JOBS = {"identities": run_identities, "distill": runner.run_distill, "pretrain": runner.run_pretrain}
 
 
 def run(config, workdir=None):
   if config.job not in JOBS:
     raise ValueError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  if "distributed" in config:
+    distributed.initialize(config)  # before any other JAX call
+  logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
   if not JOBS[config.job](config, workdir):
     sys.exit(1)

@@ -158,13 +158,27 @@ def _metrics(loss, stats, weights, num_tokens):
   return metrics
 
 
+def _data_cross_entropy(objective, s_logits, targets, weights, num_tokens):
+  """Forward KL to the data's one-hot "teacher" (zero entropy), i.e. the cross-entropy of the data."""
+  if objective.prefix != "dataset" or objective.kl != "forward":
+    raise ValueError("teacher_logits=None with estimator='exact' means the data is the teacher (one-hot "
+                     "targets), which needs objective.prefix='dataset' and objective.kl='forward', got "
+                     f"prefix={objective.prefix!r}, kl={objective.kl!r}")
+  lp = losses.log_probs(s_logits, objective.temperature)
+  nll = -jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
+  loss = reduce_positions(nll, weights, "mean", num_tokens)
+  stats = {"forward_kl": nll, "student_entropy": losses.entropy_from_log_probs(lp)}
+  return loss, _metrics(loss, stats, weights, num_tokens)
+
+
 def compute(objective: Objective, student_logits, teacher_logits, batch):
   """Loss and metrics of `objective` on one batch.
 
   Args:
     student_logits: [B, L, V] student logits at every position of batch["tokens"] (differentiable).
-    teacher_logits: [B, L, V] teacher logits (constant), or None with the sampled estimator when
-      batch["teacher_logprobs"] holds the teacher's per-token log-probs.
+    teacher_logits: [B, L, V] teacher logits (constant), or None: with the sampled estimator when
+      batch["teacher_logprobs"] holds the teacher's per-token log-probs; with the exact estimator at
+      dataset prefixes and kl="forward", the data is the teacher and the loss is its cross-entropy.
     batch: see the module docstring.
 
   Returns:
@@ -174,9 +188,11 @@ def compute(objective: Objective, student_logits, teacher_logits, batch):
   """
   targets, weights, extras, (s_logits, t_logits) = align(batch, student_logits, teacher_logits)
   num_tokens = batch.get("num_tokens")
+  if t_logits is None and objective.estimator == "exact":
+    return _data_cross_entropy(objective, s_logits, targets, weights, num_tokens)
   if t_logits is None:
-    if objective.estimator != "sampled" or "teacher_logprobs" not in extras:
-      raise ValueError("teacher_logits=None needs estimator='sampled' and batch['teacher_logprobs']")
+    if "teacher_logprobs" not in extras:
+      raise ValueError("teacher_logits=None with estimator='sampled' needs batch['teacher_logprobs']")
     lp = losses.log_probs(s_logits, objective.temperature)
     stats = {"student_entropy": losses.entropy_from_log_probs(lp),
              "student_logprob": jnp.take_along_axis(lp, targets[..., None], -1)[..., 0],

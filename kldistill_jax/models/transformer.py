@@ -131,8 +131,10 @@ class Transformer(nnx.Module):
   def __init__(self, config, *, rngs):
     dtype = config.param_jnp_dtype
     self.config = config
+    # Small embeddings (std 0.02, as Hugging Face initialises them): tied to the output head, N(0, 1)
+    # entries would make a fresh model's logits std ~sqrt(hidden_size), i.e. near one-hot.
     self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype, ("vocab", "embed"),
-                               scale=1.0)
+                               scale=0.02)
     self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.lm_head = (None if config.tie_word_embeddings else

@@ -1,0 +1,104 @@
+"""Every field a training config has, with its default and meaning; configs/*.py start from here.
+
+The user-facing contract: `python run.py --config configs/<name>.py --config.objective.lam=0.25` etc.
+Configs are locked (a mistyped override is an error); optional fields are typed placeholders.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def _model_section(**model):
+  s = ml_collections.ConfigDict()
+  s.path = ""  # Hugging Face checkpoint directory (config.json + safetensors); empty = the inline `model`
+  s.model = ml_collections.ConfigDict(model)  # inline architecture (see models.ModelConfig), vocab from data
+  s.param_dtype = "float32"  # storage dtype (float32 masters for the trained student)
+  s.compute_dtype = "float32"  # activation/matmul dtype ("bfloat16" on accelerators)
+  s.remat = False  # rematerialise each block in the backward pass
+  return s
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.job = "distill"  # kldistill_jax.jobs entry: "distill" or "pretrain"
+  c.seed = 0  # parameter init, sampling keys (step i uses fold_in(seed key, i))
+  c.steps = 100  # optimizer updates of the distillation run
+  c.batch_size = 32  # prompts per update, across all processes
+  c.micro_batches = 1  # gradient accumulation: the batch is split into this many scanned micro-batches
+  c.log_every = 10  # metrics.jsonl / TensorBoard interval (steps)
+  c.checkpoint_every = 50  # orbax checkpoint interval (steps); the last step is always saved
+  c.keep_checkpoints = 2  # newest checkpoints kept
+  c.vocab_size = 0  # 0 = the tokenizer's; set to pad a model's vocabulary beyond the tokenizer's
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.prefix = "student"  # where prefixes come from: teacher | student | dataset
+  c.objective.kl = "reverse"  # forward KL(p_T||q) | reverse KL(q||p_T) | mixed
+  c.objective.lam = placeholder(float)  # reverse-KL weight in [0, 1]; only with kl="mixed"
+  c.objective.estimator = "sampled"  # exact (full vocabulary) | sampled (sampled tokens only)
+  c.objective.temperature = 1.0  # divides teacher and student logits in the loss
+  c.objective.discount = 0.0  # reward-to-go discount of the sampled reverse estimator
+  c.objective.clip = placeholder(float)  # importance-weight truncation (sampled, teacher prefixes)
+  c.objective.chunk_size = placeholder(int)  # positions per chunk of the full-vocabulary loss
+  c.objective.fused = True  # exact estimator: loss from hidden states, never [B, L, V] logits
+
+  c.sampling = ml_collections.ConfigDict()  # how training prefixes are sampled (teacher/student)
+  c.sampling.max_new_tokens = 48  # the training length (tokens generated per prefix)
+  c.sampling.temperature = 1.0
+  c.sampling.top_k = 0  # 0 = off
+  c.sampling.top_p = 1.0  # 1 = off
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = "cosine"  # cosine (to 10%) | constant, after the linear warmup
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()  # ('data', 'fsdp', 'tensor'); the product is the device count
+  c.mesh.data = -1  # -1 = every device the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "off"  # off | auto (TPU pods, SLURM, Open MPI) | explicit (the fields below)
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+
+  c.teacher = _model_section()
+  c.teacher.train_steps = 0  # > 0: fit the inline teacher to the data first (cached in workdir/teacher)
+  c.teacher.learning_rate = 3e-3
+  c.student = _model_section()
+  c.student.warmup_steps = 0  # > 0: fit the student to the data briefly first (workdir/student_init)
+  c.student.warmup_learning_rate = 3e-3
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "arithmetic"  # arithmetic (built in) | gsm8k | math (JSONL files) | tfds
+  c.data.tokenizer = "char"  # "char" (built-in task) or a local Hugging Face tokenizer directory
+  c.data.template = "raw"  # raw | plain | chat
+  c.data.prompt_len = 16  # prompt tokens (left-padded; longer prompts are an error, never truncated)
+  c.data.response_len = 48  # reference response tokens incl. EOS (dataset prefixes, fitting)
+  c.data.seed = 0  # shuffling (and the built-in task's problems)
+  c.data.num_train = 100_000  # built-in task: training problems
+  c.data.difficulties = (2, 3, 4, 5)  # built-in task: numbers of terms in training problems
+  c.data.train_path = ""  # gsm8k / math: JSONL files
+  c.data.eval_path = ""
+  c.data.tfds_name = ""  # tfds: prepared array_record dataset name, its data_dir and keys
+  c.data.tfds_data_dir = ""
+  c.data.tfds_eval_split = "test"
+  c.data.prompt_key = "question"
+  c.data.response_key = "answer"
+  c.data.answer_key = ""
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"  # built-in task: held-out split
+  c.eval.num_problems = 256  # built-in task: held-out problems
+  c.eval.difficulties = (2, 3, 4, 5)
+  c.eval.batch_size = 128  # prompts per sampler call, across processes
+  c.eval.max_new_tokens = 48
+  c.eval.temperature = 0.0  # 0 = greedy
+  c.eval.seed = 0
+  return c

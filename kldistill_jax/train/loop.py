@@ -1,0 +1,155 @@
+"""The training loop of one stage: data -> prefixes -> step -> metrics -> checkpoints, resumable.
+
+    student = train_stage(config, workdir, student=model, teacher=teacher_model_or_None, ...)
+
+Rerunning with the same `workdir` resumes from its newest checkpoint that restores (state, data iterator
+position, FLOP counters); step i draws its randomness from fold_in(seed key, i), so a killed-and-resumed
+run ends with the same parameters as an uninterrupted one.
+"""
+
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from kldistill_jax import data as data_lib
+from kldistill_jax.train import distributed, flops, prefixes
+from kldistill_jax.train.checkpointing import Checkpointer
+from kldistill_jax.train.metrics import MetricsWriter
+from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
+from kldistill_jax.train.step import build_train_step
+from kldistill_jax.models import sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped on a NaN/inf metric; the last good checkpoint is kept."""
+
+
+def _progress(total, initial, desc):
+  if jax.process_index() != 0:
+    return None
+  try:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+def _step_flops(objective, student_cfg, teacher_cfg, batch_size, prompt_len, length, decode_steps):
+  """(student, teacher) matmul FLOPs of one step: generation, teacher scoring, student forward+backward."""
+  student = flops.train_flops(student_cfg, batch_size, length)
+  teacher = 0
+  if objective.prefix == "student":
+    student += flops.generation_flops(student_cfg, batch_size, prompt_len, decode_steps)
+  if teacher_cfg is not None:
+    if objective.prefix == "teacher":
+      teacher += flops.generation_flops(teacher_cfg, batch_size, prompt_len, decode_steps)
+    teacher += flops.forward_flops(teacher_cfg, batch_size, length)
+  return student, teacher
+
+
+def check_batch_size(config, mesh):
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_micro = config.batch_size // max(config.micro_batches, 1)
+  if config.batch_size % config.micro_batches:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by micro_batches={config.micro_batches}")
+  if per_micro % shards:
+    raise ValueError(f"batch_size={config.batch_size} / micro_batches={config.micro_batches} = {per_micro} "
+                     f"rows per micro-batch is not divisible by the data-parallel size mesh.data x mesh.fsdp "
+                     f"= {shards}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train"):
+  """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns it with the final params.
+
+  config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
+  checkpoint_every, keep_checkpoints, log_every). teacher: a Transformer or None (dataset prefixes only).
+  """
+  workdir = pathlib.Path(workdir)
+  check_batch_size(config, mesh)
+  optimizer_config = config.optimizer.copy_and_resolve_references()
+  with optimizer_config.unlocked():
+    optimizer_config.total_steps = config.steps
+  optimizer = make_optimizer(optimizer_config)
+  model = split(student)
+  teacher_split = None if teacher is None else split(teacher)
+
+  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, config.seed), model.params)
+  shardings = state_shardings(abstract, mesh)
+  state = jax.jit(lambda p: init_state(p, optimizer, config.seed), out_shardings=shardings)(model.params)
+  frozen = Split(model.graphdef, None, model.rest)
+  step_fn = build_train_step(student=frozen, objective=objective, optimizer=optimizer,
+                             micro_batches=config.micro_batches, state_shardings=shardings,
+                             batch_sharding=sharding.batch_sharding(mesh), fused=config.objective.fused)
+
+  local_batch = config.batch_size // jax.process_count()
+  dataset = data_lib.make_dataset(
+      source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
+      response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  iterator = iter(dataset)
+  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+  abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                  state)
+  start, meta = 0, {"student_flops": 0, "teacher_flops": 0}
+  restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
+  if restored is not None:
+    start, state, meta = restored
+    logging.info("%s: resumed from step %d in %s", desc, start, workdir)
+  writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
+  base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
+  bar = _progress(config.steps, start, desc)
+  try:
+    for step in range(start, config.steps):
+      began = time.perf_counter()
+      batch_np = next(iterator)
+      batch_np.pop("index")
+      data_batch = distributed.global_batch(batch_np, mesh)
+      key = jax.random.fold_in(base_key, step)
+      if objective.prefix == "dataset":
+        batch, rollout = prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
+      else:
+        sampler = nnx.merge(model.graphdef, state.params, model.rest) if objective.prefix == "student" \
+            else teacher
+        batch, rollout = prefixes.from_sampler(sampler, data_batch, rng=key, settings=config.sampling,
+                                               tokenizer=tokenizer)
+      state, metrics = step_fn(state, batch, teacher_split)
+      metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
+      elapsed = time.perf_counter() - began
+      bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+      if bad:
+        writer.write(step + 1, metrics)
+        raise NonFiniteLossError(
+            f"{desc}: step {step + 1}: metric {bad[0]!r} is {metrics[bad[0]]}; stopped without saving. "
+            f"The last good checkpoint (step {checkpointer.latest_step()}) is kept in "
+            f"{workdir / 'checkpoints'}")
+      decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
+      s_flops, t_flops = _step_flops(objective, student.config, None if teacher is None else teacher.config,
+                                     config.batch_size, config.data.prompt_len, batch["tokens"].shape[1],
+                                     decode_steps)
+      meta["student_flops"] += s_flops
+      meta["teacher_flops"] += t_flops
+      metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
+                     student_flops=float(meta["student_flops"]), teacher_flops=float(meta["teacher_flops"]))
+      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == start:
+        writer.write(step + 1, metrics)
+      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
+      if bar is not None:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response_length']:.1f}",
+                        refresh=False)
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+    checkpointer.close()
+    writer.close()
+  nnx.update(student, state.params)
+  return student, meta

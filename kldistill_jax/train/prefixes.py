@@ -1,0 +1,54 @@
+"""Where training sequences come from: the dataset, the teacher's sampler, or the CURRENT student's.
+
+Each function turns a data batch (left-padded prompts [B, P], right-padded references [B, R]) into the
+step's batch (see `train.step`): tokens, attention_mask, loss_mask and, for sampled sequences, the
+behaviour log-probs (the sampler's, temperature and truncation included) plus rollout statistics.
+Prompts are left-padded, so prompt + completion is contiguous in every row, as `objectives.align` needs.
+"""
+
+import jax.numpy as jnp
+
+from kldistill_jax import sampling
+
+
+def from_dataset(data_batch):
+  """Prompt + the data's own response (its EOS included); only the response is trained."""
+  prompt_mask, response_mask = data_batch["prompt_mask"], data_batch["response_mask"]
+  return {
+      "tokens": jnp.concatenate([data_batch["prompt_tokens"], data_batch["response_tokens"]], axis=1),
+      "attention_mask": jnp.concatenate([prompt_mask, response_mask], axis=1),
+      "loss_mask": jnp.concatenate([jnp.zeros_like(prompt_mask), response_mask], axis=1),
+  }
+
+
+def from_sampler(model, data_batch, *, rng, settings, tokenizer):
+  """Prompt + a completion sampled by `model` (the teacher, or the student at its current parameters).
+
+  settings: the `sampling` ConfigDict (max_new_tokens = the training length, temperature, top_k, top_p).
+  Returns (step batch, rollout statistics: mean response length, truncation rate, sampler entropy).
+  """
+  prompt_tokens, prompt_mask = data_batch["prompt_tokens"], data_batch["prompt_mask"]
+  out = sampling.sample(model, prompt_tokens, prompt_mask, rng=rng,
+                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                        top_k=settings.top_k, top_p=settings.top_p, eos_ids=tokenizer.eos_ids,
+                        pad_id=tokenizer.pad_id)
+  completion = out.completion_mask
+  batch = {
+      "tokens": out.tokens,
+      "attention_mask": jnp.concatenate([prompt_mask, completion[:, prompt_tokens.shape[1]:]], axis=1),
+      "loss_mask": completion,
+      "behavior_logprobs": out.sampling_logprobs,
+  }
+  count = jnp.maximum(jnp.sum(completion), 1)
+  stats = {
+      "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
+      "max_length": jnp.max(out.lengths).astype(jnp.float32),  # decode steps the sampler ran
+      "truncation_rate": 1.0 - jnp.mean(out.finished.astype(jnp.float32)),
+      "rollout_entropy": jnp.sum(out.entropy * completion) / count,
+  }
+  return batch, stats
+
+
+def dataset_stats(data_batch):
+  lengths = jnp.sum(data_batch["response_mask"], axis=1).astype(jnp.float32)
+  return {"response_length": jnp.mean(lengths), "truncation_rate": jnp.zeros(())}

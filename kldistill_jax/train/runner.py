@@ -1,0 +1,130 @@
+"""The jobs behind `python run.py`: `distill` (teacher -> student, evaluated before and after) and
+`pretrain` (fit a model to the data's own responses; how the built-in teacher is made).
+
+Workdir layout of `distill` (rerunning the command resumes every stage):
+  teacher/         when teacher.path is empty: the teacher fitted to the data (checkpoints, metrics, model/)
+  student_init/    when student.warmup_steps > 0: the student fitted briefly to the data (a weak base model)
+  checkpoints/ metrics.jsonl tensorboard/   the distillation run itself
+  student/         the distilled student as a Hugging Face checkpoint
+  results.json     evaluation before/after, FLOPs
+"""
+
+import json
+import pathlib
+
+import jax
+from absl import logging
+
+from kldistill_jax import evaluation, objectives
+from kldistill_jax.models import hf
+from kldistill_jax.train import setup
+from kldistill_jax.train.loop import train_stage
+
+DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
+
+
+def _fit_to_data(config, workdir, model, *, steps, learning_rate, tokenizer, source, mesh, desc):
+  """Trains `model` on the data's responses (cross-entropy) in `workdir`, exports `workdir/model`."""
+  stage = config.copy_and_resolve_references()
+  with stage.unlocked():
+    stage.steps, stage.optimizer.learning_rate = steps, learning_rate
+    stage.objective.fused = False
+  model, _ = train_stage(stage, workdir, student=model, teacher=None, objective=DATA_OBJECTIVE,
+                         tokenizer=tokenizer, source=source, mesh=mesh, desc=desc)
+  hf.save(model, pathlib.Path(workdir) / "model")
+  return model
+
+
+def _cached_or_fitted(config, section, field, workdir, *, steps, learning_rate, vocab_size, tokenizer,
+                      source, mesh, seed):
+  """The model of `section` (a path, or inline), fitted to the data first when `steps` > 0 (cached)."""
+  exported = pathlib.Path(workdir) / "model"
+  if steps > 0 and (exported / hf.CONFIG_FILE).is_file():
+    return setup.load_model(section, field, vocab_size, mesh, seed, path=exported)
+  model = setup.load_model(section, field, vocab_size, mesh, seed)
+  if steps > 0:
+    model = _fit_to_data(config, workdir, model, steps=steps, learning_rate=learning_rate,
+                         tokenizer=tokenizer, source=source, mesh=mesh, desc=f"{field}: fit to data")
+  return model
+
+
+def _evaluate(config, model, tokenizer, records, mesh, check):
+  e = config.eval
+  return evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
+                             prompt_len=config.data.prompt_len, max_new_tokens=e.max_new_tokens,
+                             temperature=e.temperature, batch_size=e.batch_size // jax.process_count(),
+                             rng=jax.random.key(e.seed), mesh=mesh)
+
+
+def format_table(rows):
+  """Final table: one line per evaluated model."""
+  header = f"{'model':<18}{'accuracy':>10}{'length':>9}{'entropy':>9}{'truncated':>11}"
+  lines = [header, "-" * len(header)]
+  for name, r in rows.items():
+    lines.append(f"{name:<18}{r['accuracy']:>10.3f}{r['mean_length']:>9.1f}{r['entropy']:>9.3f}"
+                 f"{r['truncation_rate']:>11.3f}")
+  return "\n".join(lines)
+
+
+def run_distill(config, workdir):
+  """Teacher and student per the config, distillation with config.objective, evaluation before/after."""
+  if not workdir:
+    raise ValueError("--workdir is required for training jobs")
+  workdir = pathlib.Path(workdir)
+  objective = setup.make_objective(config)
+  mesh = setup.make_mesh(config)
+  setup.check_tokenizers(config)
+  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  train_source, eval_records = setup.make_source(config, "train"), setup.make_source(config, config.eval.split)
+  check = setup.answer_check(config)
+  vocab = config.vocab_size or tokenizer.vocab_size
+  common = dict(vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
+  with jax.set_mesh(mesh):
+    teacher = _cached_or_fitted(config, config.teacher, "teacher", workdir / "teacher",
+                                steps=config.teacher.train_steps,
+                                learning_rate=config.teacher.learning_rate, seed=config.seed + 1, **common)
+    student = _cached_or_fitted(config, config.student, "student", workdir / "student_init",
+                                steps=config.student.warmup_steps,
+                                learning_rate=config.student.warmup_learning_rate, seed=config.seed + 2,
+                                **common)
+    setup.check_vocabularies(teacher, student, tokenizer)
+    results = {"teacher": _evaluate(config, teacher, tokenizer, eval_records, mesh, check),
+               "student before": _evaluate(config, student, tokenizer, eval_records, mesh, check)}
+    student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
+                                tokenizer=tokenizer, source=train_source, mesh=mesh,
+                                desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)")
+    hf.save(student, workdir / "student")
+    results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
+  table = format_table(results)
+  summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
+  summary["flops"] = meta
+  if jax.process_index() == 0:
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n" + table)
+    print(f"\nstudent FLOPs {meta['student_flops']:.3e}, teacher FLOPs {meta['teacher_flops']:.3e}")
+    for prompt, text, answer, ok in results["student after"]["examples"]:
+      print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
+  logging.info("results in %s", workdir / "results.json")
+  return summary
+
+
+def run_pretrain(config, workdir):
+  """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
+  if not workdir:
+    raise ValueError("--workdir is required for training jobs")
+  workdir = pathlib.Path(workdir)
+  mesh = setup.make_mesh(config)
+  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  source, eval_records = setup.make_source(config, "train"), setup.make_source(config, config.eval.split)
+  with jax.set_mesh(mesh):
+    model = setup.load_model(config.student, "student", config.vocab_size or tokenizer.vocab_size, mesh,
+                             config.seed)
+    model = _fit_to_data(config, workdir, model, steps=config.steps,
+                         learning_rate=config.optimizer.learning_rate, tokenizer=tokenizer, source=source,
+                         mesh=mesh, desc="fit to data")
+    result = _evaluate(config, model, tokenizer, eval_records, mesh, setup.answer_check(config))
+  if jax.process_index() == 0:
+    print("\n" + format_table({"model": result}))
+  return result

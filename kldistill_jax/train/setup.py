@@ -1,0 +1,128 @@
+"""Config -> the parts of a run (mesh, tokenizer, data sources, teacher, student, objective), each
+validated with an error that names the config field before any compute starts."""
+
+import os
+import pathlib
+
+import jax
+from flax import nnx
+
+from kldistill_jax import data, objectives
+from kldistill_jax.models import ModelConfig, hf, sharding
+
+MODEL_FIELDS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "qk_norm", "qkv_bias")
+
+
+def make_mesh(config):
+  """('data', 'fsdp', 'tensor') mesh over every device; mesh.data = -1 takes what the others leave."""
+  m, count = config.mesh, jax.device_count()
+  data_size = m.data
+  if data_size == -1:
+    if count % (m.fsdp * m.tensor):
+      raise ValueError(f"mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} does not divide the {count} devices")
+    data_size = count // (m.fsdp * m.tensor)
+  if data_size < 1 or m.fsdp < 1 or m.tensor < 1 or data_size * m.fsdp * m.tensor != count:
+    raise ValueError(f"mesh.data={m.data} x mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} must multiply to "
+                     f"the {count} devices (use mesh.data=-1 to fill)")
+  return sharding.make_mesh(data_size, m.fsdp, m.tensor)
+
+
+def make_objective(config):
+  o = config.objective
+  return objectives.Objective(prefix=o.prefix, kl=o.kl, lam=o.lam, estimator=o.estimator,
+                              temperature=o.temperature, discount=o.discount, clip=o.clip,
+                              chunk_size=o.chunk_size)
+
+
+def make_source(config, split):
+  """Records of `split` ("train" or the held-out config.eval.split) from config.data.source."""
+  d = config.data
+  if d.source == "arithmetic":
+    train = split == "train"
+    return data.ArithmeticTask(d.num_train if train else config.eval.num_problems,
+                               tuple(d.difficulties if train else config.eval.difficulties), seed=d.seed,
+                               split=split)
+  if d.source in ("gsm8k", "math"):
+    path = d.train_path if split == "train" else d.eval_path
+    if not path:
+      raise ValueError(f"data.source={d.source!r} needs data.train_path and data.eval_path (JSONL files)")
+    return data.read_jsonl(path, d.source)
+  if d.source == "tfds":
+    return data.tfds_source(d.tfds_name, split if split == "train" else d.tfds_eval_split, d.tfds_data_dir,
+                            d.prompt_key, d.response_key, d.answer_key or None)
+  raise ValueError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
+
+
+def answer_check(config):
+  """(completion text, reference answer) -> bool for config.data.source."""
+  if config.data.source == "arithmetic":
+    return data.is_correct
+  from kldistill_jax import rewards  # pylint: disable=g-import-not-at-top
+  return rewards.is_correct
+
+
+def check_checkpoint_dir(field, path):
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{field}={str(path)!r}: checkpoint directory does not exist")
+  if not os.access(path, os.R_OK | os.X_OK):
+    raise PermissionError(f"{field}={str(path)!r}: checkpoint directory is not readable")
+  if not (path / hf.CONFIG_FILE).is_file():
+    raise FileNotFoundError(f"{field}={str(path)!r}: no {hf.CONFIG_FILE} in the checkpoint directory")
+
+
+def inline_model_config(section, vocab_size, field):
+  """A ModelConfig from an inline `teacher.model` / `student.model` ConfigDict."""
+  values = section.model.to_dict()
+  unknown = sorted(set(values) - set(MODEL_FIELDS))
+  if unknown:
+    raise ValueError(f"{field}.model has unknown fields {unknown} (known: {', '.join(MODEL_FIELDS)})")
+  return ModelConfig(vocab_size=vocab_size, param_dtype=section.param_dtype,
+                     compute_dtype=section.compute_dtype, remat=section.remat, **values)
+
+
+def load_model(section, field, vocab_size, mesh, seed, path=None):
+  """`path` (default section.path) as a sharded Transformer, or a fresh one from the inline config."""
+  path = path or section.path
+  if path:
+    check_checkpoint_dir(f"{field}.path", path)
+    model = hf.load(path, dtype=section.param_dtype, compute_dtype=section.compute_dtype, mesh=mesh)
+    if section.remat:
+      model.config = model.config.replace(remat=True)
+    return model
+  config = inline_model_config(section, vocab_size, field)
+  from kldistill_jax.models import Transformer  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+  shardings = sharding.param_shardings(nnx.state(abstract), mesh)
+
+  @jax.jit
+  def init():
+    return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+
+  graphdef = nnx.graphdef(abstract)
+  state = jax.jit(init.__wrapped__, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def check_vocabularies(teacher, student, tokenizer):
+  if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
+    raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size} entries) and student vocabulary "
+                     f"({student.config.vocab_size} entries) differ: token-level KL needs one vocabulary")
+  for name, model in (("teacher", teacher), ("student", student)):
+    if model is not None and tokenizer.vocab_size > model.config.vocab_size:
+      raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the {name} "
+                       f"vocabulary has {model.config.vocab_size}")
+
+
+def check_tokenizers(config):
+  """Teacher/student checkpoint directories that ship tokenizers must ship the same one."""
+  names = {}
+  for field in ("teacher", "student"):
+    path = config[field].path
+    if path and any((pathlib.Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+      names[field] = data.HFTokenizer(path)
+  if len(names) == 2 and names["teacher"].name != names["student"].name:
+    raise ValueError(f"teacher tokenizer {names['teacher'].name} ({names['teacher'].vocab_size} tokens, "
+                     f"{config.teacher.path}) and student tokenizer {names['student'].name} "
+                     f"({names['student'].vocab_size} tokens, {config.student.path}) differ")
