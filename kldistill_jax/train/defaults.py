@@ -47,6 +47,10 @@ def base_config():
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1 = off
 
+  c.teacher_cache = ml_collections.ConfigDict()  # teacher prefixes only
+  c.teacher_cache.enabled = False  # sample the teacher once into workdir/trajectories and reuse it
+  c.teacher_cache.num_trajectories = 0  # 0 = steps x batch_size (one pass); fewer are reused per epoch
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4
   c.optimizer.warmup_steps = 10

@@ -11,14 +11,14 @@ import math
 import pathlib
 import time
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from kldistill_jax import data as data_lib
-from kldistill_jax.train import distributed, flops, prefixes
+from kldistill_jax.train import distributed, flops, prefixes, trajectories
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -40,16 +40,15 @@ def _progress(total, initial, desc):
   return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
-def _step_flops(objective, student_cfg, teacher_cfg, batch_size, prompt_len, length, decode_steps):
+def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
+                decode_steps):
   """(student, teacher) matmul FLOPs of one step: generation, teacher scoring, student forward+backward."""
   student = flops.train_flops(student_cfg, batch_size, length)
-  teacher = 0
-  if objective.prefix == "student":
+  teacher = flops.forward_flops(teacher_cfg, batch_size, length) if teacher_scores else 0
+  if generator == "student":
     student += flops.generation_flops(student_cfg, batch_size, prompt_len, decode_steps)
-  if teacher_cfg is not None:
-    if objective.prefix == "teacher":
-      teacher += flops.generation_flops(teacher_cfg, batch_size, prompt_len, decode_steps)
-    teacher += flops.forward_flops(teacher_cfg, batch_size, length)
+  elif generator == "teacher":
+    teacher += flops.generation_flops(teacher_cfg, batch_size, prompt_len, decode_steps)
   return student, teacher
 
 
@@ -66,11 +65,14 @@ def check_batch_size(config, mesh):
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
 
 
-def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train"):
-  """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns it with the final params.
+def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train",
+                trajectory_cache=None, cache_flops=0):
+  """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns (student, FLOP counters).
 
   config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
   checkpoint_every, keep_checkpoints, log_every). teacher: a Transformer or None (dataset prefixes only).
+  trajectory_cache: a built `trajectories` cache directory: teacher prefixes are read from it instead of
+  sampled (its one-off generation cost, `cache_flops`, starts the teacher FLOP counter).
   """
   workdir = pathlib.Path(workdir)
   check_batch_size(config, mesh)
@@ -90,15 +92,23 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
                              batch_sharding=sharding.batch_sharding(mesh), fused=config.objective.fused)
 
   local_batch = config.batch_size // jax.process_count()
-  dataset = data_lib.make_dataset(
-      source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
-      response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  iterator = iter(dataset)
+  processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if trajectory_cache is not None:
+    dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, seed=config.data.seed,
+                                        **processes)
+  else:
+    dataset = data_lib.make_dataset(
+        source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
+        response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed, **processes)
+  # Few prefetch threads: the batches are cheap and the cores belong to XLA.
+  iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
+  teacher_scores = teacher is not None and not (trajectory_cache is not None and
+                                                objective.estimator == "sampled")
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
   abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                   state)
-  start, meta = 0, {"student_flops": 0, "teacher_flops": 0}
+  start, meta = 0, {"student_flops": 0, "teacher_flops": cache_flops}
   restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
   if restored is not None:
     start, state, meta = restored
@@ -109,11 +119,13 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   try:
     for step in range(start, config.steps):
       began = time.perf_counter()
-      batch_np = next(iterator)
-      batch_np.pop("index")
+      batch_np = dict(next(iterator))
+      batch_np.pop("index", None)
       data_batch = distributed.global_batch(batch_np, mesh)
       key = jax.random.fold_in(base_key, step)
-      if objective.prefix == "dataset":
+      if trajectory_cache is not None:
+        batch, rollout = data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
+      elif objective.prefix == "dataset":
         batch, rollout = prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
       else:
         sampler = nnx.merge(model.graphdef, state.params, model.rest) if objective.prefix == "student" \
@@ -131,9 +143,10 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
             f"The last good checkpoint (step {checkpointer.latest_step()}) is kept in "
             f"{workdir / 'checkpoints'}")
       decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
-      s_flops, t_flops = _step_flops(objective, student.config, None if teacher is None else teacher.config,
-                                     config.batch_size, config.data.prompt_len, batch["tokens"].shape[1],
-                                     decode_steps)
+      s_flops, t_flops = _step_flops(
+          student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
+          generator=generator, teacher_scores=teacher_scores, batch_size=config.batch_size,
+          prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
       meta["student_flops"] += s_flops
       meta["teacher_flops"] += t_flops
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,

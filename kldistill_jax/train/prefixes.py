@@ -21,10 +21,12 @@ def from_dataset(data_batch):
   }
 
 
-def from_sampler(model, data_batch, *, rng, settings, tokenizer):
+def from_sampler(model, data_batch, *, rng, settings, tokenizer, with_model_logprobs=False):
   """Prompt + a completion sampled by `model` (the teacher, or the student at its current parameters).
 
   settings: the `sampling` ConfigDict (max_new_tokens = the training length, temperature, top_k, top_p).
+  with_model_logprobs: also return the sampler's untempered log-probs as "teacher_logprobs" (when the
+  sampler IS the teacher: cached trajectories need no teacher forward later).
   Returns (step batch, rollout statistics: mean response length, truncation rate, sampler entropy).
   """
   prompt_tokens, prompt_mask = data_batch["prompt_tokens"], data_batch["prompt_mask"]
@@ -39,6 +41,8 @@ def from_sampler(model, data_batch, *, rng, settings, tokenizer):
       "loss_mask": completion,
       "behavior_logprobs": out.sampling_logprobs,
   }
+  if with_model_logprobs:
+    batch["teacher_logprobs"] = out.model_logprobs
   count = jnp.maximum(jnp.sum(completion), 1)
   stats = {
       "response_length": jnp.mean(out.lengths.astype(jnp.float32)),
@@ -52,3 +56,13 @@ def from_sampler(model, data_batch, *, rng, settings, tokenizer):
 def dataset_stats(data_batch):
   lengths = jnp.sum(data_batch["response_mask"], axis=1).astype(jnp.float32)
   return {"response_length": jnp.mean(lengths), "truncation_rate": jnp.zeros(())}
+
+
+def cached_stats(batch, eos_ids):
+  """Rollout statistics of cached trajectories: a row is truncated when no EOS ends its completion."""
+  completion = batch["loss_mask"].astype(bool)
+  eos = jnp.isin(batch["tokens"], jnp.asarray(eos_ids))
+  finished = jnp.any(completion & eos, axis=1)
+  lengths = jnp.sum(completion, axis=1).astype(jnp.float32)
+  return {"response_length": jnp.mean(lengths), "max_length": jnp.max(lengths),
+          "truncation_rate": 1.0 - jnp.mean(finished.astype(jnp.float32))}

@@ -17,7 +17,7 @@ from absl import logging
 
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
-from kldistill_jax.train import setup
+from kldistill_jax.train import setup, trajectories
 from kldistill_jax.train.loop import train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
@@ -72,6 +72,7 @@ def run_distill(config, workdir):
     raise ValueError("--workdir is required for training jobs")
   workdir = pathlib.Path(workdir)
   objective = setup.make_objective(config)
+  setup.check_teacher_cache(config, objective)
   mesh = setup.make_mesh(config)
   setup.check_tokenizers(config)
   from kldistill_jax import data  # pylint: disable=g-import-not-at-top
@@ -91,9 +92,14 @@ def run_distill(config, workdir):
     setup.check_vocabularies(teacher, student, tokenizer)
     results = {"teacher": _evaluate(config, teacher, tokenizer, eval_records, mesh, check),
                "student before": _evaluate(config, student, tokenizer, eval_records, mesh, check)}
+    cache, cache_flops = None, 0
+    if config.teacher_cache.enabled:
+      cache = workdir / "trajectories"
+      cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
-                                desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)")
+                                desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
+                                trajectory_cache=cache, cache_flops=cache_flops)
     hf.save(student, workdir / "student")
     results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
   table = format_table(results)

@@ -35,6 +35,16 @@ def make_objective(config):
                               chunk_size=o.chunk_size)
 
 
+def check_teacher_cache(config, objective):
+  if not config.teacher_cache.enabled:
+    return
+  if objective.prefix != "teacher":
+    raise ValueError(f"teacher_cache.enabled needs objective.prefix='teacher', got {objective.prefix!r}")
+  if objective.estimator == "sampled" and objective.temperature != 1.0:
+    raise ValueError("teacher_cache stores the teacher's log-probs at temperature 1; the sampled estimator "
+                     f"with objective.temperature={objective.temperature} would need them tempered")
+
+
 def make_source(config, split):
   """Records of `split` ("train" or the held-out config.eval.split) from config.data.source."""
   d = config.data
