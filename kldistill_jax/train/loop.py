@@ -94,8 +94,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   local_batch = config.batch_size // jax.process_count()
   processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if trajectory_cache is not None:
-    dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, seed=config.data.seed,
-                                        **processes)
+    dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, **processes)
   else:
     dataset = data_lib.make_dataset(
         source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,

@@ -83,8 +83,12 @@ def build(teacher, source, tokenizer, config, path, *, mesh):
   return total_flops
 
 
-def make_dataset(path, *, batch_size, seed, process_index=0, process_count=1):
-  """Shuffled, repeated per-process batches of the cache (same row split as `data.make_dataset`)."""
-  dataset = grain.MapDataset.source(TrajectorySource(path)).shuffle(seed=seed).repeat(None)
+def make_dataset(path, *, batch_size, process_index=0, process_count=1):
+  """Repeated per-process batches of the cache (same row split as `data.make_dataset`).
+
+  Rows are stored in the shuffled training order, so they are read in order: the first pass sees
+  exactly the prompts and teacher samples an online run with the same seed would (a test checks it).
+  """
+  dataset = grain.MapDataset.source(TrajectorySource(path)).repeat(None)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   return dataset[process_index::process_count]
