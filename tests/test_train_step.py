@@ -172,3 +172,16 @@ def test_micro_batches_must_divide_the_batch(setup):
   student, teacher, batch = setup
   with pytest.raises(ValueError, match="micro_batches"):
     _step(student, teacher, batch, CELLS["sft"], micro_batches=0)
+
+
+def test_bf16_compute_keeps_fp32_masters(setup):
+  """compute_dtype bfloat16 (accelerator setting): masters and their update stay float32, the loss is
+  the float32 one to bf16 precision."""
+  student, teacher, batch = setup
+  bf16 = state_lib.split(models.Transformer(_config(32).replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(0)))
+  new_state, metrics = _step(bf16, teacher, batch, CELLS["mixed_0.3"], optimizer=optax.adamw(1e-2))
+  _, reference = _step(student, teacher, batch, CELLS["mixed_0.3"], optimizer=optax.adamw(1e-2))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.opt_state) if x.ndim)
+  np.testing.assert_allclose(metrics["loss"], reference["loss"], rtol=3e-2)
+  assert not np.allclose(metrics["loss"], reference["loss"], rtol=1e-6)  # bf16 really ran
