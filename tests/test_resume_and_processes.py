@@ -243,11 +243,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(damaged_rerun):
   assert STEPS + 2 in _finished_steps(workdir) and (workdir / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "loop/checkpointing bug: after falling back past a damaged step, orbax's CheckpointManager.should_save "
-    "skips every step <= latest_step() (the damaged one), so the rerun never rewrites that step; the damaged "
-    "checkpoint stays the newest until a later step is saved, and a rerun with the same `steps` ends "
-    "without saving its final state"))
 def test_damaged_checkpoint_is_replaced_by_the_rerun(damaged_rerun):
   workdir, _ = damaged_rerun
   assert STEPS in _finished_steps(workdir)

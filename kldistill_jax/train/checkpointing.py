@@ -9,7 +9,10 @@ steps since the previous checkpoint.
 import logging
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 
@@ -23,6 +26,13 @@ def _check_directory(directory: epath.Path):
     next(iter(directory.iterdir()), None)
   except OSError as e:
     raise PermissionError(f"checkpoint directory {directory} is not readable: {e}") from e
+
+
+def _check_same_step_everywhere(step):
+  """Every process must resume from the same step (they read the same files, but fail independently)."""
+  if jax.process_count() > 1:
+    multihost_utils.assert_equal(np.int64(step), f"processes restored different checkpoint steps "
+                                                 f"(this one: {step})")
 
 
 class Checkpointer:
@@ -55,6 +65,7 @@ class Checkpointer:
     data_iterator: a fresh iterator of the same pipeline; its position is set in place.
     """
     self.wait()  # a save still in flight would otherwise be invisible or half-written
+    failed = []
     for step in reversed(self.all_steps()):
       items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
       if data_iterator is not None:
@@ -67,9 +78,21 @@ class Checkpointer:
       except Exception as e:  # orbax/tensorstore raise many types for damaged files
         logging.warning("checkpoint step %d in %s failed to restore (%s: %s); trying the previous one",
                         step, self.directory, type(e).__name__, e)
+        failed.append(step)
         continue
+      self._forget(failed)
+      _check_same_step_everywhere(step)
       return step, restored["state"], restored["meta"]
+    self._forget(failed)
+    _check_same_step_everywhere(-1)
     return None
+
+  def _forget(self, steps):
+    """Deletes checkpoints that failed to restore: orbax refuses to save a step <= its latest, so a
+    damaged newest step left in place would silently block the rerun from ever saving it again."""
+    for step in steps:
+      logging.warning("deleting the damaged checkpoint step %d in %s", step, self.directory)
+      self._manager.delete(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
