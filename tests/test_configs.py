@@ -1,0 +1,126 @@
+"""The 2x2 and mixed-KL configs run end to end (`:smoke` presets, in-process, 8 simulated devices)."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import pytest
+
+from kldistill_jax import data
+from kldistill_jax.models import hf
+from kldistill_jax.train import flops, runner, setup
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CELLS = ("sft", "dagger", "offline_rl", "opd", "kl_mix")
+METRICS = ("loss", "forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "response_length",
+           "truncation_rate", "tokens_per_s", "step_time_s", "student_flops", "teacher_flops")
+
+
+def _config(name, arg="smoke"):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  # No student fitting stage, and evaluation sampling like training: fewer compiles per run (they
+  # dominate); the distillation run is what is tested here.
+  config.student.warmup_steps = 0
+  config.eval.temperature = config.sampling.temperature
+  return config
+
+
+def _student_checkpoint(config, path):
+  """The configs' inline student, initialised once and saved: each run then loads it instead of
+  compiling its own initialiser (about 3 s per run on 2 cores)."""
+  mesh, vocab = setup.make_mesh(config), data.load_tokenizer(config.data.tokenizer).vocab_size
+  with jax.set_mesh(mesh):
+    model = setup.load_model(config.student, "student", vocab, mesh, config.seed + 2)
+  hf.save(model, path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+  return _student_checkpoint(_config(CELLS[0]), tmp_path_factory.mktemp("student") / "model")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, student):
+  """name -> (config, results.json, metrics.jsonl rows) for every smoke run (shared: compiles dominate)."""
+  out = {}
+  for name in CELLS:
+    config, workdir = _config(name), tmp_path_factory.mktemp(name)
+    config.student.path = student
+    runner.run_distill(config, workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    out[name] = (config, json.loads((workdir / "results.json").read_text()), rows)
+  return out
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_smoke_run_writes_results_and_metrics(runs, name):
+  config, results, rows = runs[name]
+  assert config.batch_size % 8 == 0 and config.steps == 2
+  for row in ("teacher", "student before", "student after"):
+    assert 0.0 <= results[row]["accuracy"] <= 1.0 and results[row]["num_problems"] == config.eval.num_problems
+  assert [r["step"] for r in rows] == [1, 2]
+  for key in METRICS:
+    assert key in rows[-1], key
+  assert rows[-1]["teacher_flops"] > 0 and rows[-1]["student_flops"] > 0
+  assert results["flops"]["teacher_flops"] == rows[-1]["teacher_flops"]
+
+
+@pytest.mark.parametrize("on_policy, off_policy", [("opd", "offline_rl"), ("dagger", "sft")])
+def test_student_prefixes_count_generation_flops(runs, on_policy, off_policy):
+  """Same shapes and steps: student prefixes add the student's sampling, teacher prefixes the teacher's."""
+  on, off = runs[on_policy][1]["flops"], runs[off_policy][1]["flops"]
+  assert on["student_flops"] > off["student_flops"]
+  assert off["teacher_flops"] > on["teacher_flops"]
+  # The differences are exactly each sampler's generation FLOPs, step by step (decode steps = max length).
+  config = runs[on_policy][0]
+  generation = lambda name, model: sum(
+      flops.generation_flops(model, config.batch_size, config.data.prompt_len, int(row["max_length"]))
+      for row in runs[name][2])
+  student, teacher = hf.read_config(config.student.path), hf.read_config(config.teacher.path)
+  assert on["student_flops"] - off["student_flops"] == generation(on_policy, student)
+  assert off["teacher_flops"] - on["teacher_flops"] == generation(off_policy, teacher)
+
+
+def test_configs_are_their_cells():
+  cells = {name: (c.objective.prefix, c.objective.kl, c.objective.estimator)
+           for name in CELLS for c in [_config(name, None)]}
+  assert cells == {"sft": ("teacher", "forward", "exact"), "dagger": ("student", "forward", "exact"),
+                   "offline_rl": ("teacher", "reverse", "sampled"), "opd": ("student", "reverse", "sampled"),
+                   "kl_mix": ("student", "mixed", "exact")}
+  assert _config("kl_mix", None).objective.lam == 0.25
+
+
+@pytest.mark.xfail(reason="models.Transformer with remat=True raises flax TraceContextError under plain "
+                   "jax.jit/jax.grad/lax.while_loop (nnx.remat of a module merged inside the trace); the "
+                   "sampler and train step use plain JAX transforms", strict=True)
+def test_student_remat_runs(student, tmp_path):
+  config = _config("kl_mix")
+  config.student.path, config.student.remat = student, True  # configs/qwen3_8b_to_0p6b.py needs remat
+  runner.run_distill(config, tmp_path)
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.xfail(reason="runner/loop/metrics wrap workdir in pathlib.Path, which turns gs://bucket/run "
+                   "into the local path gs:/bucket/run", strict=True)
+def test_bucket_workdir_reaches_the_checkpointer(student, monkeypatch):
+  seen = []
+
+  def train_stage(config, workdir, **kwargs):
+    seen.append(str(workdir))
+    raise _Stop
+
+  monkeypatch.setattr(runner, "train_stage", train_stage)
+  monkeypatch.setattr(runner, "_evaluate", lambda *args: {})  # only the path matters here
+  config = _config("opd")
+  config.student.path = student
+  with pytest.raises(_Stop):
+    runner.run_distill(config, "gs://bucket/run")
+  assert seen == ["gs://bucket/run"]
