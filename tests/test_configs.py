@@ -95,9 +95,6 @@ def test_configs_are_their_cells():
   assert _config("kl_mix", None).objective.lam == 0.25
 
 
-@pytest.mark.xfail(reason="models.Transformer with remat=True raises flax TraceContextError under plain "
-                   "jax.jit/jax.grad/lax.while_loop (nnx.remat of a module merged inside the trace); the "
-                   "sampler and train step use plain JAX transforms", strict=True)
 def test_student_remat_runs(student, tmp_path):
   config = _config("kl_mix")
   config.student.path, config.student.remat = student, True  # configs/qwen3_8b_to_0p6b.py needs remat

@@ -125,6 +125,17 @@ def _block_forward(block, x, positions, key_mask, layer_cache):
   return block(x, positions, key_mask, layer_cache)
 
 
+def _remat_block_forward(block, x, positions, key_mask, layer_cache):
+  """The block under `jax.checkpoint` as a pure function of its state: `nnx.remat` fails on a module
+  that was merged inside an outer plain-JAX trace (the train step, the sampler's while_loop)."""
+  graphdef, state = nnx.split(block)
+
+  def pure(state, x, positions, key_mask, layer_cache):
+    return _block_forward(nnx.merge(graphdef, state), x, positions, key_mask, layer_cache)
+
+  return jax.checkpoint(pure)(state, x, positions, key_mask, layer_cache)
+
+
 class Transformer(nnx.Module):
   """The decoder. `output_head()` is the [D, V] matrix the logits come from (for the fused losses)."""
 
@@ -163,7 +174,7 @@ class Transformer(nnx.Module):
       causal = slots[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
       key_mask = causal[None] & valid[:, None, :]
     x = sharding.constrain(self.embed_tokens[...].astype(compute)[tokens], ("batch", None, None))
-    forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
+    forward = _remat_block_forward if self.config.remat else _block_forward
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
