@@ -23,6 +23,16 @@ from kldistill_jax.train.loop import train_stage
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
 
 
+def _local_workdir(workdir):
+  if not workdir:
+    raise ValueError("--workdir is required for training jobs")
+  if "://" in str(workdir):
+    raise ValueError(f"--workdir={workdir}: URL workdirs are not supported (metrics.jsonl is appended "
+                     "line by line, which object stores cannot do); mount the bucket (e.g. gcsfuse) or use "
+                     "a shared filesystem and pass its path")
+  return pathlib.Path(workdir)
+
+
 def _fit_to_data(config, workdir, model, *, steps, learning_rate, tokenizer, source, mesh, desc):
   """Trains `model` on the data's responses (cross-entropy) in `workdir`, exports `workdir/model`."""
   stage = config.copy_and_resolve_references()
@@ -68,9 +78,7 @@ def format_table(rows):
 
 def run_distill(config, workdir):
   """Teacher and student per the config, distillation with config.objective, evaluation before/after."""
-  if not workdir:
-    raise ValueError("--workdir is required for training jobs")
-  workdir = pathlib.Path(workdir)
+  workdir = _local_workdir(workdir)
   objective = setup.make_objective(config)
   setup.check_teacher_cache(config, objective)
   mesh = setup.make_mesh(config)
@@ -117,9 +125,7 @@ def run_distill(config, workdir):
 
 def run_pretrain(config, workdir):
   """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
-  if not workdir:
-    raise ValueError("--workdir is required for training jobs")
-  workdir = pathlib.Path(workdir)
+  workdir = _local_workdir(workdir)
   mesh = setup.make_mesh(config)
   from kldistill_jax import data  # pylint: disable=g-import-not-at-top
   tokenizer = data.load_tokenizer(config.data.tokenizer)
