@@ -6,6 +6,7 @@ Launch:
   cp -r /tmp/teacher/model assets/arithmetic_teacher
 """
 
+from kldistill_jax.train import presets
 from kldistill_jax.train.defaults import base_config
 
 
@@ -18,9 +19,9 @@ def get_config(arg=None):
   c.checkpoint_every = 200
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 50
-  c.student.model.update(dict(family="qwen3", hidden_size=128, intermediate_size=384, num_layers=2,
-                              num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True,
-                              rope_theta=10_000.0))
+  # Twice the quickstart student's width.
+  c.student.model.update(dict(presets.ARITHMETIC_STUDENT, hidden_size=128, intermediate_size=384,
+                              head_dim=32))
   c.data.prompt_len = 12
   c.data.response_len = 36
   c.eval.max_new_tokens = 36
