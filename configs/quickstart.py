@@ -15,7 +15,8 @@ from kldistill_jax.train.defaults import base_config
 
 
 def get_config(arg=None):
-  c = presets.arithmetic(base_config())  # shipped teacher, weak student, 300 steps, lr 5e-3
+  c = presets.arithmetic(base_config())  # shipped teacher, weak student, lr 5e-3
+  c.steps = 800  # ~2 minutes on 2 cores; the student reaches the teacher's accuracy
   c.objective.prefix = "student"
   c.objective.kl = "reverse"
   c.objective.estimator = "exact"
