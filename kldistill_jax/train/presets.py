@@ -5,16 +5,14 @@
 
 import pathlib
 
+from kldistill_jax import objectives
+
 ASSETS = pathlib.Path(__file__).resolve().parents[2] / "assets"
 ARITHMETIC_TEACHER = ASSETS / "arithmetic_teacher"
 
 # The quickstart student: half the shipped teacher's width (see assets/arithmetic_teacher/config.json).
 ARITHMETIC_STUDENT = dict(family="qwen3", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=10_000.0)
-
-# The 2x2 cells of kldistill_jax.objectives.PRESETS as config values: (prefix, kl, estimator).
-CELLS = {"sft": ("teacher", "forward", "exact"), "dagger": ("student", "forward", "exact"),
-         "offline_rl": ("teacher", "reverse", "sampled"), "opd": ("student", "reverse", "sampled")}
 
 
 def arithmetic(c):
@@ -38,7 +36,8 @@ def arithmetic(c):
 
 def objective(c, cell):
   """Sets objective.prefix/kl/estimator to one cell of the 2x2 ("sft", "dagger", "offline_rl", "opd")."""
-  c.objective.prefix, c.objective.kl, c.objective.estimator = CELLS[cell]
+  cell = objectives.PRESETS[cell]
+  c.objective.prefix, c.objective.kl, c.objective.estimator = cell.prefix, cell.kl, cell.estimator
   return c
 
 
