@@ -18,6 +18,11 @@ Batch (a dict of arrays, all aligned with `tokens`, entry t describing token t):
                                  estimators at teacher prefixes. Defaults to the teacher's log-probs.
   teacher_logprobs  [B, L]       optional: per-token teacher log-probs, used when `teacher_logits` is
                                  None (e.g. cached teacher trajectories) by the sampled estimator.
+  teacher_topk_ids, teacher_topk_logprobs  int / float [B, L, k]   optional: the teacher's k most likely
+                                 tokens for token t and their log-probs at objective.temperature (a
+                                 cache stores temperature 1); with `teacher_logits` None they give the
+                                 exact forward KL at teacher prefixes, coarsened to the k tokens + rest
+                                 (`losses.topk_forward_kl`; exact when k = V).
   num_tokens        scalar       optional: global number of trained tokens when this batch is one
                                  micro-batch of a larger one; the loss and metrics are then this
                                  micro-batch's share of the global token means (sum them).
@@ -36,6 +41,7 @@ from kldistill_jax.losses.chunking import reduce_positions
 PREFIXES = ("teacher", "student", "dataset")
 KLS = ("forward", "reverse", "mixed")
 ESTIMATORS = ("exact", "sampled")
+TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +134,12 @@ def align(batch, *logits):
     if batch.get(key) is not None:
       _checks.check_same_shape(f"batch[{key!r}]", batch[key], "batch['tokens']", tokens)
       extras[key] = batch[key][:, 1:]
+  for key in TOPK_KEYS:
+    if batch.get(key) is not None:
+      if batch[key].ndim != 3 or tuple(batch[key].shape[:2]) != tuple(tokens.shape):
+        raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}; expected [B, L, k] with "
+                         f"[B, L] = batch['tokens'].shape = {tuple(tokens.shape)}")
+      extras[key] = batch[key][:, 1:]
   shifted = tuple(None if x is None else x[:, :-1] for x in logits)
   return tokens[:, 1:], loss_mask[:, 1:], extras, shifted
 
@@ -171,14 +183,32 @@ def _data_cross_entropy(objective, s_logits, targets, weights, num_tokens):
   return loss, _metrics(loss, stats, weights, num_tokens)
 
 
+def _topk_forward_kl(objective, s_logits, weights, extras, num_tokens):
+  """Exact forward KL against the batch's teacher top-k log-probs (no teacher logits)."""
+  if (objective.prefix, objective.kl, objective.estimator) != ("teacher", "forward", "exact"):
+    raise ValueError("batch['teacher_topk_ids'/'teacher_topk_logprobs'] without teacher_logits give only "
+                     "the forward KL at teacher prefixes: objective.prefix='teacher', kl='forward', "
+                     f"estimator='exact' (sft); got prefix={objective.prefix!r}, kl={objective.kl!r}, "
+                     f"estimator={objective.estimator!r}")
+  if not all(key in extras for key in TOPK_KEYS):
+    raise ValueError(f"the batch needs both {TOPK_KEYS}, got only {[k for k in TOPK_KEYS if k in extras]}")
+  lp = losses.log_probs(s_logits, objective.temperature)
+  per_position = losses.topk_kl_from_log_probs(lp, *(extras[k] for k in TOPK_KEYS))
+  loss = reduce_positions(per_position, weights, "mean", num_tokens)
+  stats = {"topk_forward_kl": per_position, "student_entropy": losses.entropy_from_log_probs(lp)}
+  return loss, _metrics(loss, stats, weights, num_tokens)
+
+
 def compute(objective: Objective, student_logits, teacher_logits, batch):
   """Loss and metrics of `objective` on one batch.
 
   Args:
     student_logits: [B, L, V] student logits at every position of batch["tokens"] (differentiable).
     teacher_logits: [B, L, V] teacher logits (constant), or None: with the sampled estimator when
-      batch["teacher_logprobs"] holds the teacher's per-token log-probs; with the exact estimator at
-      dataset prefixes and kl="forward", the data is the teacher and the loss is its cross-entropy.
+      batch["teacher_logprobs"] holds the teacher's per-token log-probs; with the exact forward KL at
+      teacher prefixes when the batch holds the teacher's top-k (metric "topk_forward_kl"); with the
+      exact estimator at dataset prefixes and kl="forward", the data is the teacher and the loss is its
+      cross-entropy.
     batch: see the module docstring.
 
   Returns:
@@ -188,11 +218,15 @@ def compute(objective: Objective, student_logits, teacher_logits, batch):
   """
   targets, weights, extras, (s_logits, t_logits) = align(batch, student_logits, teacher_logits)
   num_tokens = batch.get("num_tokens")
+  has_topk = any(key in extras for key in TOPK_KEYS)
   if t_logits is None and objective.estimator == "exact":
+    if has_topk:
+      return _topk_forward_kl(objective, s_logits, weights, extras, num_tokens)
     return _data_cross_entropy(objective, s_logits, targets, weights, num_tokens)
   if t_logits is None:
     if "teacher_logprobs" not in extras:
-      raise ValueError("teacher_logits=None with estimator='sampled' needs batch['teacher_logprobs']")
+      hint = " (top-k teacher log-probs serve only kl='forward', estimator='exact')" if has_topk else ""
+      raise ValueError(f"teacher_logits=None with estimator='sampled' needs batch['teacher_logprobs']{hint}")
     lp = losses.log_probs(s_logits, objective.temperature)
     stats = {"student_entropy": losses.entropy_from_log_probs(lp),
              "student_logprob": jnp.take_along_axis(lp, targets[..., None], -1)[..., 0],

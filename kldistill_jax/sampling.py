@@ -210,27 +210,49 @@ def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperatur
                                       "entropy")})
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _score(graphdef, state, tokens, mask, temperature, chunk_size):
-  model = nnx.merge(graphdef, state)
+def _predictors(model, tokens, mask):
+  """(hidden state that predicts each token [B, L, D], whether it has one [B, L]) and the output head.
+
+  Token t is predicted by the hidden state of the previous REAL token (t - 1 in a contiguous row; the
+  last prompt token across the padding gap of a right-padded prompt), found by a running max; padding and
+  each row's first real token have none.
+  """
   hidden, _ = model(tokens, prompt_positions(mask), None, mask, return_hidden=True)
-  head = model.output_head()
   b, length, _ = hidden.shape
-
-  def chunk_fn(hidden_BCD, target_BC):
-    logits = jnp.dot(hidden_BCD, head.astype(hidden_BCD.dtype), preferred_element_type=jnp.float32)
-    logp = jax.nn.log_softmax(logits / temperature)
-    picked = jnp.take_along_axis(logp, target_BC[..., None], axis=-1)[..., 0]
-    return picked, entropy_from_log_probs(logp)
-
-  # Token t is predicted by the hidden state of the previous REAL token (t - 1 in a contiguous row; the
-  # last prompt token across the padding gap of a right-padded prompt), found by a running max.
   columns = jnp.where(mask.astype(bool), jnp.arange(length)[None], -1)
   previous = jnp.concatenate([jnp.full((b, 1), -1), jax.lax.cummax(columns, axis=1)[:, :-1]], axis=1)
   predictor = jnp.take_along_axis(hidden, jnp.maximum(previous, 0)[..., None], axis=1)
+  return predictor, mask.astype(bool) & (previous >= 0), model.output_head()
+
+
+def _head_log_probs(hidden_BCD, head, temperature=1.0):
+  logits = jnp.dot(hidden_BCD, head.astype(hidden_BCD.dtype), preferred_element_type=jnp.float32)
+  return jax.nn.log_softmax(logits / temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _score(graphdef, state, tokens, mask, temperature, chunk_size):
+  predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
+
+  def chunk_fn(hidden_BCD, target_BC):
+    logp = _head_log_probs(hidden_BCD, head, temperature)
+    picked = jnp.take_along_axis(logp, target_BC[..., None], axis=-1)[..., 0]
+    return picked, entropy_from_log_probs(logp)
+
   logp, ent = map_position_chunks(chunk_fn, (predictor, tokens), chunk_size)
-  keep = mask.astype(bool) & (previous >= 0)
   return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k", "chunk_size"))
+def _score_topk(graphdef, state, tokens, mask, k, chunk_size):
+  predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
+
+  def chunk_fn(hidden_BCD):
+    logp, ids = jax.lax.top_k(_head_log_probs(hidden_BCD, head), k)
+    return ids.astype(jnp.int32), logp
+
+  ids, logp = map_position_chunks(chunk_fn, (predictor,), chunk_size)
+  return jnp.where(keep[..., None], ids, 0), jnp.where(keep[..., None], logp, 0.0)
 
 
 def score(model, tokens, mask, *, temperature=1.0, chunk_size=None):
@@ -251,3 +273,20 @@ def score(model, tokens, mask, *, temperature=1.0, chunk_size=None):
   graphdef, state = nnx.split(model)
   return _score(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32),
                 jnp.float32(temperature), chunk_size)
+
+
+def score_topk(model, tokens, mask, *, k, chunk_size=None):
+  """The model's k most likely next tokens and their log-probs (temperature 1), aligned like `score`.
+
+  Returns:
+    (ids int32 [B, L, k], logprobs float32 [B, L, k]): entry t holds the top k of the distribution that
+    predicts token t (from the real tokens before it), in decreasing order; 0 at padding and at each
+    row's first real token. chunk_size as in `score`.
+  """
+  if tokens.shape != mask.shape or tokens.ndim != 2:
+    raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [B, L]")
+  if not 1 <= k <= model.config.vocab_size:
+    raise ValueError(f"k must be in [1, vocab_size={model.config.vocab_size}], got {k}")
+  graphdef, state = nnx.split(model)
+  return _score_topk(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32),
+                     int(k), chunk_size)

@@ -135,3 +135,39 @@ def mixed_kl_grad(student_logits, teacher_logits, lam, temperature=1.0):
   with np.errstate(divide="ignore", invalid="ignore"):
     log_ratio = np.where(q > 0, np.log(np.where(q > 0, q, 1.0)) - np.log(np.where(q > 0, p, 1.0)), 0.0)
   return ((1.0 - lam) * (q - p) + lam * q * (log_ratio - rkl)) / temperature
+
+
+def _coarsened(student_logits, topk_ids, topk_logprobs, temperature):
+  """Per position: (p over the k listed ids + rest, q likewise, listed ids, q over the vocabulary), by
+  loops in float64. The rest bucket exists only when the ids leave some token out; p_rest = 1 − Σ p_i
+  (0 when rounding makes Σ p_i exceed 1), q_rest = the student's mass on the unlisted tokens."""
+  q_full = softmax(student_logits, temperature)
+  ids, lp = np.asarray(topk_ids), np.asarray(topk_logprobs, np.float64)
+  for idx in np.ndindex(*ids.shape[:-1]):
+    listed = [int(v) for v in ids[idx]]
+    p = list(np.exp(lp[idx]))
+    q = [q_full[idx][v] for v in listed]
+    unlisted = [v for v in range(q_full.shape[-1]) if v not in listed]
+    if unlisted:
+      p.append(max(1.0 - sum(p), 0.0))
+      q.append(sum(q_full[idx][v] for v in unlisted))
+    yield idx, np.array(p), np.array(q), listed, q_full[idx]
+
+
+def topk_forward_kl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
+  """KL of the teacher and student distributions coarsened to the k listed ids plus a rest bucket."""
+  out = np.zeros(np.shape(topk_ids)[:-1])
+  for idx, p, q, _, _ in _coarsened(student_logits, topk_ids, topk_logprobs, temperature):
+    out[idx] = kl(p, q)
+  return out
+
+
+def topk_forward_kl_grad(student_logits, topk_ids, topk_logprobs, temperature=1.0):
+  """d/dz of the PER-POSITION coarsened KL (analytic): (q − target) / T, target = p_i on listed ids and
+  p_rest q_v / q_rest on the others."""
+  out = np.zeros(np.shape(student_logits), np.float64)
+  for idx, p, q, listed, q_full in _coarsened(student_logits, topk_ids, topk_logprobs, temperature):
+    target = q_full * (p[-1] / q[-1] if len(p) > len(listed) else 0.0)
+    target[listed] = p[:len(listed)]
+    out[idx] = (q_full - target) / temperature
+  return out

@@ -50,6 +50,9 @@ def base_config():
   c.teacher_cache = ml_collections.ConfigDict()  # teacher prefixes only
   c.teacher_cache.enabled = False  # sample the teacher once into workdir/trajectories and reuse it
   c.teacher_cache.num_trajectories = 0  # 0 = steps x batch_size (one pass); fewer are reused per epoch
+  # > 0: also store the teacher's top-k log-probs per token, so the exact forward KL (sft) runs no teacher
+  # forward; the KL is coarsened to those k tokens + the rest (exact at k = vocab size). 0 = off.
+  c.teacher_cache.top_k = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

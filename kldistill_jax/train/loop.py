@@ -102,8 +102,8 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   # Few prefetch threads: the batches are cheap and the cores belong to XLA.
   iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
   generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
-  teacher_scores = teacher is not None and not (trajectory_cache is not None and
-                                                objective.estimator == "sampled")
+  teacher_scores = teacher is not None and not (trajectory_cache is not None and (
+      objective.estimator == "sampled" or config.teacher_cache.top_k > 0))
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
   abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                   state)

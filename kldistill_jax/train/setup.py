@@ -37,12 +37,24 @@ def make_objective(config):
 
 def check_teacher_cache(config, objective):
   if not config.teacher_cache.enabled:
+    if config.teacher_cache.top_k:
+      raise ValueError(f"teacher_cache.top_k={config.teacher_cache.top_k} needs teacher_cache.enabled=True")
     return
   if objective.prefix != "teacher":
     raise ValueError(f"teacher_cache.enabled needs objective.prefix='teacher', got {objective.prefix!r}")
   if objective.estimator == "sampled" and objective.temperature != 1.0:
     raise ValueError("teacher_cache stores the teacher's log-probs at temperature 1; the sampled estimator "
                      f"with objective.temperature={objective.temperature} would need them tempered")
+  top_k = config.teacher_cache.top_k
+  if top_k < 0:
+    raise ValueError(f"teacher_cache.top_k must be >= 0 (0 = off), got {top_k}")
+  if top_k and (objective.kl, objective.estimator) != ("forward", "exact"):
+    raise ValueError(f"teacher_cache.top_k={top_k} serves only the exact forward KL (objective.kl='forward', "
+                     f"objective.estimator='exact': the sft cell), got kl={objective.kl!r}, "
+                     f"estimator={objective.estimator!r}")
+  if top_k and objective.temperature != 1.0:
+    raise ValueError(f"teacher_cache.top_k={top_k} stores the teacher's log-probs at temperature 1; "
+                     f"objective.temperature={objective.temperature} would need them tempered")
 
 
 def make_source(config, split):

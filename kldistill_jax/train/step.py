@@ -5,6 +5,7 @@ Batch (global arrays, batch axis split over ('data', 'fsdp')):
   attention_mask  int [B, L]   1 on real tokens (prompt and response up to its EOS).
   loss_mask       int [B, L]   1 on the response tokens that are trained.
   behavior_logprobs / teacher_logprobs  optional [B, L] (see `objectives`).
+  teacher_topk_ids / teacher_topk_logprobs  optional [B, L, k] (see `objectives`).
 
 The teacher enters as a frozen `state.Split` (or None: the data is the teacher): it is never donated,
 never differentiated, never in the optimizer state. `build_train_step` applies jit, shardings and
@@ -22,7 +23,8 @@ from kldistill_jax import objectives
 from kldistill_jax.sampling import prompt_positions
 from kldistill_jax.train.state import TrainState
 
-STEP_KEYS = ("tokens", "attention_mask", "loss_mask", "behavior_logprobs", "teacher_logprobs")
+STEP_KEYS = ("tokens", "attention_mask", "loss_mask", "behavior_logprobs", "teacher_logprobs",
+             *objectives.TOPK_KEYS)
 
 
 def _forward(model, batch, hidden):
@@ -34,7 +36,11 @@ def _forward(model, batch, hidden):
 def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True):
   """Objective loss of the student with `params` on one (micro-)batch; teacher may be None."""
   model = student.merge(params)
-  teacher_model = None if teacher is None else teacher.merge()
+  # Cached teacher outputs replace the teacher forward: per-token log-probs serve the sampled estimator,
+  # top-k log-probs the exact forward KL.
+  cached = ("teacher_logprobs" in batch if objective.estimator == "sampled"
+            else objective.kl == "forward" and objectives.TOPK_KEYS[0] in batch)
+  teacher_model = None if teacher is None or cached else teacher.merge()
   if fused and teacher_model is not None and objective.estimator == "exact":
     # Never materialises [B, L, V] logits (see losses.fused_token_kl).
     s_hidden = _forward(model, batch, hidden=True)
@@ -43,7 +49,7 @@ def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True):
                                           lax.stop_gradient(teacher_model.output_head()), batch)
   s_logits = _forward(model, batch, hidden=False)
   t_logits = None
-  if teacher_model is not None and not (objective.estimator == "sampled" and "teacher_logprobs" in batch):
+  if teacher_model is not None:
     t_logits = lax.stop_gradient(_forward(teacher_model, batch, hidden=False))
   return objectives.compute(objective, s_logits, t_logits, batch)
 
