@@ -150,7 +150,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       meta["teacher_flops"] += t_flops
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
                      student_flops=float(meta["student_flops"]), teacher_flops=float(meta["teacher_flops"]))
-      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == start:
+      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0:
         writer.write(step + 1, metrics)
       if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
         checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
