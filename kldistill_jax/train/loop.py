@@ -52,6 +52,15 @@ def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_si
   return student, teacher
 
 
+def _training_batch(data_batch, *, cached, objective, sampler, rng, config, tokenizer):
+  """(step batch, rollout statistics) from the cache, the dataset, or `sampler` (teacher or student)."""
+  if cached:
+    return data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
+  if objective.prefix == "dataset":
+    return prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
+  return prefixes.from_sampler(sampler, data_batch, rng=rng, settings=config.sampling, tokenizer=tokenizer)
+
+
 def check_batch_size(config, mesh):
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   per_micro = config.batch_size // max(config.micro_batches, 1)
@@ -122,15 +131,9 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       batch_np.pop("index", None)
       data_batch = distributed.global_batch(batch_np, mesh)
       key = jax.random.fold_in(base_key, step)
-      if trajectory_cache is not None:
-        batch, rollout = data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
-      elif objective.prefix == "dataset":
-        batch, rollout = prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
-      else:
-        sampler = nnx.merge(model.graphdef, state.params, model.rest) if objective.prefix == "student" \
-            else teacher
-        batch, rollout = prefixes.from_sampler(sampler, data_batch, rng=key, settings=config.sampling,
-                                               tokenizer=tokenizer)
+      sampler = teacher if objective.prefix == "teacher" else model.merge(state.params)
+      batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
+                                       sampler=sampler, rng=key, config=config, tokenizer=tokenizer)
       state, metrics = step_fn(state, batch, teacher_split)
       metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
       elapsed = time.perf_counter() - began
