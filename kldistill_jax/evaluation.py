@@ -1,11 +1,15 @@
-"""Evaluation of a model on held-out prompts: accuracy, response length, entropy, truncation rate.
+"""Evaluation of a model on held-out prompts: Avg@n, Pass@k, response length, entropy, truncation rate.
 
     results = evaluate(model, records, tokenizer, check=data.is_correct, template="raw", prompt_len=16,
-                       max_new_tokens=40, temperature=0.0, batch_size=64, rng=key, mesh=mesh)
+                       max_new_tokens=40, temperature=1.0, batch_size=64, rng=key, mesh=mesh,
+                       samples_per_prompt=8, pass_k=(1, 4, 8))
+    pass_at_k(n=[10, 10], c=[0, 3], k=4)  -> [0., 0.8333]   (unbiased: 1 - C(n-c, k) / C(n, k))
 
 Every process samples its share of the prompts; the completions are gathered so every process returns
 the same numbers. Prompts padded onto the last batch are excluded (`valid`), never double counted.
 """
+
+import collections
 
 import jax
 import numpy as np
@@ -14,18 +18,97 @@ from kldistill_jax import data, sampling
 from kldistill_jax.train import distributed
 
 
-def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_tokens, temperature,
-             batch_size, rng, mesh, top_k=0, top_p=1.0):
-  """Samples one completion per record and scores it with `check(text, answer) -> bool`.
+def _pass_at_k_one(n: int, c: int, k: int) -> float:
+  if n - c < k:  # every k-subset holds a correct sample
+    return 1.0
+  if k == 1:  # exact, so that Pass@1 equals Avg@n to the last bit
+    return c / n
+  # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): factors in [0, 1], no huge binomials.
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
-  Returns dict(accuracy, mean_length (tokens, EOS included), entropy (mean per-token entropy of the
-  untempered model along its completions), truncation_rate (no EOS within max_new_tokens),
-  num_problems) and `examples`: (prompt, completion, answer, correct) of the first few records.
+
+def pass_at_k(n, c, k: int):
+  """Unbiased Pass@k from n samples with c correct (arrays broadcast); a float for scalar n and c."""
+  n, c = np.asarray(n), np.asarray(c)
+  if not (np.issubdtype(n.dtype, np.integer) and np.issubdtype(c.dtype, np.integer)) or int(k) != k:
+    raise ValueError(f"n, c and k must be integers, got dtypes {n.dtype}, {c.dtype} and k={k!r}")
+  if np.any(n < 0) or np.any(c < 0) or k < 1:
+    raise ValueError(f"n and c must be >= 0 and k >= 1 (k={k})")
+  if np.any(c > n):
+    raise ValueError("c (correct samples) must be <= n (samples)")
+  if np.any(k > n):
+    raise ValueError(f"k={k} needs at least k samples per problem, got n={n.min()}")
+  n, c = np.broadcast_arrays(n, c)
+  out = np.array([_pass_at_k_one(int(ni), int(ci), int(k)) for ni, ci in zip(n.ravel(), c.ravel())])
+  out = out.reshape(n.shape)
+  return float(out) if out.ndim == 0 else out
+
+
+def avg_at_k(correct):
+  """Avg@k: mean accuracy over all samples of all problems, from a [P, k] array of 0/1 (or bools)."""
+  correct = np.asarray(correct, np.float64)
+  if correct.ndim != 2 or correct.size == 0:
+    raise ValueError(f"correct must be a non-empty [problems, samples] array, got shape {correct.shape}")
+  return float(correct.mean())
+
+
+class _Repeated:
+  """Each record `times` times in a row (sample j of record i at i * times + j): random access."""
+
+  def __init__(self, records, times):
+    self.records, self.times = records, times
+
+  def __len__(self):
+    return len(self.records) * self.times
+
+  def __getitem__(self, index):
+    return self.records[index // self.times]
+
+
+def _group_of(record):
+  for key in ("benchmark", "difficulty"):
+    if key in record:
+      return str(record[key])
+  return None
+
+
+def summarise(correct, lengths, entropy_sums, finished, pass_k):
+  """Metrics of per-sample arrays [P, n]: correct, lengths (tokens), entropy_sums (summed over tokens),
+  finished (EOS within the budget)."""
+  n = correct.shape[1]
+  summary = {"accuracy": avg_at_k(correct), "avg_at_n": avg_at_k(correct),
+             "mean_length": float(np.mean(lengths)),
+             "entropy": float(entropy_sums.sum() / max(lengths.sum(), 1)),
+             "truncation_rate": 1.0 - float(np.mean(finished)), "num_problems": int(correct.shape[0]),
+             "samples_per_prompt": n}
+  count = correct.sum(axis=1).astype(np.int64)
+  for k in pass_k:
+    summary[f"pass_at_{k}"] = float(np.mean(pass_at_k(np.full_like(count, n), count, k)))
+  return summary
+
+
+def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_tokens, temperature,
+             batch_size, rng, mesh, top_k=0, top_p=1.0, samples_per_prompt=1, pass_k=(1,)):
+  """Samples `samples_per_prompt` (n) completions per record, scores each with `check(text, answer)`.
+
+  Returns dict(accuracy (= avg_at_n, the mean over all n samples), pass_at_{k} for each k in pass_k
+  (unbiased estimator, k <= n), mean_length (tokens, EOS included), entropy (mean per-token entropy of
+  the untempered model along its completions), truncation_rate (no EOS within max_new_tokens),
+  num_problems), `by_group` (the same metrics per record `benchmark`, else `difficulty`, when records
+  carry one) and `examples`: (prompt, completion, answer, correct) of the first few samples.
+  The n samples of a prompt are n batch rows, so each gets its own key (the sampler splits `rng` per row).
   """
-  batches = data.eval_batches(records, tokenizer, template=template, prompt_len=prompt_len,
+  n = int(samples_per_prompt)
+  pass_k = tuple(int(k) for k in pass_k)
+  if n < 1 or any(not 1 <= k <= n for k in pass_k):
+    raise ValueError(f"need samples_per_prompt >= 1 and 1 <= k <= samples_per_prompt for every k in "
+                     f"pass_k, got samples_per_prompt={samples_per_prompt}, pass_k={pass_k}")
+  num = len(records)
+  batches = data.eval_batches(_Repeated(records, n), tokenizer, template=template, prompt_len=prompt_len,
                               batch_size=batch_size, process_index=jax.process_index(),
                               process_count=jax.process_count())
-  correct, lengths, entropy_sum, finished, examples = [], [], 0.0, [], []
+  correct, lengths = np.zeros((num, n), bool), np.zeros((num, n), np.int64)
+  entropy_sums, finished, examples = np.zeros((num, n)), np.zeros((num, n), bool), []
   for i, local in enumerate(batches):
     batch = distributed.global_batch(local, mesh)
     out = sampling.sample(model, batch["prompt_tokens"], batch["prompt_mask"],
@@ -38,16 +121,24 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
     done = distributed.to_host(out.finished)
     index, valid = distributed.to_host(batch["index"]), distributed.to_host(batch["valid"]).astype(bool)
     for row in np.flatnonzero(valid):
-      record = records[int(index[row])]
+      problem, sample = divmod(int(index[row]), n)
+      record = records[problem]
       text = tokenizer.decode(completions[row][mask[row] > 0])
       ok = bool(check(text, record["answer"]))
-      correct.append(ok)
-      lengths.append(int(mask[row].sum()))
-      entropy_sum += float(entropy[row][mask[row] > 0].sum())
-      finished.append(bool(done[row]))
+      correct[problem, sample] = ok
+      lengths[problem, sample] = int(mask[row].sum())
+      entropy_sums[problem, sample] = float(entropy[row][mask[row] > 0].sum())
+      finished[problem, sample] = bool(done[row])
       if len(examples) < 4:
         examples.append((record["prompt"], text, record["answer"], ok))
-  return {"accuracy": float(np.mean(correct)), "mean_length": float(np.mean(lengths)),
-          "entropy": entropy_sum / max(sum(lengths), 1),
-          "truncation_rate": 1.0 - float(np.mean(finished)), "num_problems": len(correct),
-          "examples": examples}
+  arrays = (correct, lengths, entropy_sums, finished)
+  results = summarise(*arrays, pass_k)
+  groups = collections.defaultdict(list)
+  for problem in range(num):
+    group = _group_of(records[problem])
+    if group is not None:
+      groups[group].append(problem)
+  results["by_group"] = {name: summarise(*(a[rows] for a in arrays), pass_k)
+                         for name, rows in sorted(groups.items())}
+  results["examples"] = examples
+  return results

@@ -1,43 +1,179 @@
-"""Answer extraction and verification for file datasets (GSM8K '#### N', MATH '\\boxed{}').
+"""Answer extraction and verification for reasoning datasets (GSM8K '#### N', MATH '\\boxed{}', the
+built-in task's '#N').
 
-    rewards.is_correct("... so she has #### 1,000", "1000")  -> True
+    rewards.is_correct("... so she has #### 1,000", "1000")     -> True
+    rewards.is_correct("The answer is \\boxed{\\dfrac{1}{2}}.", "0.5")  -> True
+    rewards.grade(text, answer)  -> "correct" | "wrong" | "no_answer" | "timeout"
 
-Extraction tries, in order: the text after the last '####', the last \\boxed{...}, the last number.
-Equivalence: exact string match after normalisation, else math-verify (symbolic), with a bounded time.
+Extraction tries, in order: the last \\boxed{...}, the text after the last '####', the built-in task's
+'#N', the last number. Equivalence: exact match of the normalised strings, else equal exact rationals
+(integers, decimals, a/b, \\frac{a}{b}), else math-verify (symbolic) in a worker process with a bounded
+time per answer. The worker is a separate process because math-verify's own timeouts use signals
+(main thread only) and a stuck sympy call cannot be interrupted in a thread, only killed in a process.
+Everything here is safe to call from several threads at once.
 """
 
+import atexit
+import fractions
+import logging
+import multiprocessing
 import re
+import threading
 
-from kldistill_jax.data import sources
+from kldistill_jax.data import arithmetic, sources
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+VERIFY_TIMEOUT_S = 5.0  # per answer, for the symbolic check only
+_STARTUP_TIMEOUT_S = 120.0  # spawning the worker imports sympy: slow, and not the answer's fault
+
+_LOG = logging.getLogger(__name__)
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d,])")
+_LATEX_THOUSANDS = re.compile(r"(\d)\{,\}(\d{3})")
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_WRAPPERS = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\$", "$", "^\\circ", "^{\\circ}", "\\%", "%")
+_FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$|^(-?)\\[dt]?frac(\d)(\d)$")
+_RATIO = re.compile(r"^(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)$")
+_DECIMAL = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+# A number then unit words ("18 dollars", "3 apples each"); two letters at least so "3 x" stays algebra.
+_NUMBER_WITH_UNITS = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s+[a-zA-Z]{2,}[a-zA-Z\s.]*$")
 
 
 def extract_answer(text: str) -> str | None:
-  """The model's final answer in `text`, or None when it gives none."""
-  for extract in (sources.gsm8k_answer, sources.boxed_answer):
+  """The model's final answer in `text` (unnormalised), or None when it gives none."""
+  for extract in (sources.boxed_answer, sources.gsm8k_answer):
     try:
       return extract(text)
     except ValueError:
       pass
+  builtin = arithmetic.extract_answer(text)
+  if builtin is not None:
+    return builtin
   numbers = _NUMBER.findall(text)
-  return numbers[-1].replace(",", "") if numbers else None
+  return numbers[-1] if numbers else None
 
 
-def _normalise(answer: str) -> str:
-  return answer.strip().rstrip(".").replace(",", "").replace(" ", "").replace("$", "")
+def normalise(answer: str) -> str:
+  """A canonical string: no math delimiters, thousands separators, units, spacing or trailing period."""
+  s = _TEXT.sub(lambda m: m.group(1), answer.strip().replace("\u2212", "-"))
+  s = _LATEX_THOUSANDS.sub(r"\1\2", s)
+  s = _THOUSANDS.sub(lambda m: m.group(1).replace(",", ""), s)
+  for wrapper in _WRAPPERS:
+    s = s.replace(wrapper, "")
+  s = s.strip().rstrip(".").strip()
+  units = _NUMBER_WITH_UNITS.match(s)
+  if units:
+    s = units.group(1)
+  return s.replace(" ", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
-def is_correct(text: str, answer: str) -> bool:
+def as_number(answer: str) -> fractions.Fraction | None:
+  """The exact rational value of a normalised answer (integer, decimal, a/b, \\frac{a}{b}), else None."""
+  try:
+    if _DECIMAL.match(answer):
+      return fractions.Fraction(answer)
+    ratio = _RATIO.match(answer)
+    if ratio:
+      return fractions.Fraction(ratio.group(1)) / fractions.Fraction(ratio.group(2))
+    frac = _FRAC.match(answer)
+    if frac:
+      sign, num, den = (frac.group(1), frac.group(2), frac.group(3)) if frac.group(2) else frac.group(4, 5, 6)
+      value = fractions.Fraction(int(num), int(den))
+      return -value if sign else value
+  except ZeroDivisionError:
+    return None
+  return None
+
+
+def _serve(conn):
+  """Worker process: answers (gold, predicted) requests with math-verify's verdict until the pipe closes."""
+  import math_verify  # pylint: disable=g-import-not-at-top  (only the worker pays for sympy)
+  logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" notice, per call
+  conn.send("ready")
+  while True:
+    try:
+      gold, predicted = conn.recv()
+    except EOFError:
+      return
+    try:  # timeouts off: they need signals; the parent bounds the time by killing this process
+      parsed_gold = math_verify.parse(f"${gold}$", parsing_timeout=None)
+      parsed_predicted = math_verify.parse(f"${predicted}$", parsing_timeout=None)
+      verdict = bool(math_verify.verify(parsed_gold, parsed_predicted, timeout_seconds=None))
+    except Exception:  # pylint: disable=broad-except  (unparseable answers are wrong, not fatal)
+      verdict = False
+    conn.send(verdict)
+
+
+class _Verifier:
+  """One math-verify worker process shared by all threads (a lock serialises requests)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._process = None
+    self._conn = None
+
+  def _start(self):
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
+    process.start()
+    child.close()
+    if not parent.poll(_STARTUP_TIMEOUT_S):
+      process.kill()
+      raise RuntimeError("the math-verify worker did not start")
+    parent.recv()
+    self._process, self._conn = process, parent
+
+  def _stop(self):
+    if self._process is not None:
+      self._process.kill()
+      self._process.join()
+      self._conn.close()
+    self._process = self._conn = None
+
+  def verify(self, gold: str, predicted: str, timeout: float) -> bool | None:
+    """math-verify's verdict, or None when it takes longer than `timeout` seconds (worker restarted)."""
+    with self._lock:
+      if self._process is None or not self._process.is_alive():
+        self._stop()
+        self._start()
+      self._conn.send((gold, predicted))
+      if self._conn.poll(timeout):
+        return self._conn.recv()
+      self._stop()  # a stuck sympy call: only killing the process ends it
+      return None
+
+  def close(self):
+    with self._lock:
+      self._stop()
+
+
+_VERIFIER = _Verifier()
+atexit.register(_VERIFIER.close)
+
+
+def grade(text: str, answer: str, *, timeout: float = VERIFY_TIMEOUT_S) -> str:
+  """'correct', 'wrong', 'no_answer' (nothing extracted) or 'timeout' (the symbolic check ran too long)."""
   extracted = extract_answer(text)
   if extracted is None:
-    return False
-  if _normalise(extracted) == _normalise(answer):
-    return True
-  import math_verify  # pylint: disable=g-import-not-at-top  (slow import, only for non-trivial answers)
-  try:  # parsing_timeout=None: math-verify's signal-based timeout breaks outside the main thread
-    gold = math_verify.parse(f"${answer}$", parsing_timeout=None)
-    predicted = math_verify.parse(f"${extracted}$", parsing_timeout=None)
-    return bool(math_verify.verify(gold, predicted, timeout_seconds=None))
-  except Exception:  # pylint: disable=broad-except  (unparseable answers are wrong, not fatal)
-    return False
+    return "no_answer"
+  predicted, gold = normalise(extracted), normalise(answer)
+  if predicted == gold:
+    return "correct"
+  predicted_value, gold_value = as_number(predicted), as_number(gold)
+  if predicted_value is not None and gold_value is not None:  # both plain numbers: exact, no sympy
+    return "correct" if predicted_value == gold_value else "wrong"
+  verdict = _VERIFIER.verify(gold, predicted, timeout)
+  if verdict is None:
+    _LOG.warning("math-verify timed out after %.1f s (counted wrong): answer %r vs reference %r",
+                    timeout, predicted[:200], gold[:200])
+    return "timeout"
+  return "correct" if verdict else "wrong"
+
+
+def is_correct(text: str, answer: str, *, timeout: float = VERIFY_TIMEOUT_S) -> bool:
+  """Whether the final answer in `text` equals `answer` (a timeout counts as wrong)."""
+  return grade(text, answer, timeout=timeout) == "correct"
+
+
+def close():
+  """Stops the math-verify worker (it restarts on the next symbolic check)."""
+  _VERIFIER.close()
