@@ -107,5 +107,7 @@ def base_config():
   c.eval.batch_size = 128  # prompts per sampler call, across processes
   c.eval.max_new_tokens = 48
   c.eval.temperature = 0.0  # 0 = greedy
+  c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
+  c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
   c.eval.seed = 0
   return c

@@ -63,16 +63,21 @@ def _evaluate(config, model, tokenizer, records, mesh, check):
   return evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
                              prompt_len=config.data.prompt_len, max_new_tokens=e.max_new_tokens,
                              temperature=e.temperature, batch_size=e.batch_size // jax.process_count(),
-                             rng=jax.random.key(e.seed), mesh=mesh)
+                             rng=jax.random.key(e.seed), mesh=mesh, samples_per_prompt=e.samples_per_prompt,
+                             pass_k=tuple(e.pass_k))
 
 
 def format_table(rows):
-  """Final table: one line per evaluated model."""
-  header = f"{'model':<18}{'accuracy':>10}{'length':>9}{'entropy':>9}{'truncated':>11}"
+  """Final table: one line per evaluated model (accuracy = Avg@n over n samples per problem)."""
+  pass_keys = sorted({k for r in rows.values() for k in r if k.startswith("pass_at_")},
+                     key=lambda k: int(k.rsplit("_", 1)[1]))
+  pass_keys = [k for k in pass_keys if k != "pass_at_1"]  # Pass@1 is the accuracy column
+  header = (f"{'model':<18}{'accuracy':>10}" + "".join(f"{'pass@' + k.rsplit('_', 1)[1]:>9}" for k in pass_keys)
+            + f"{'length':>9}{'entropy':>9}{'truncated':>11}")
   lines = [header, "-" * len(header)]
   for name, r in rows.items():
-    lines.append(f"{name:<18}{r['accuracy']:>10.3f}{r['mean_length']:>9.1f}{r['entropy']:>9.3f}"
-                 f"{r['truncation_rate']:>11.3f}")
+    lines.append(f"{name:<18}{r['accuracy']:>10.3f}" + "".join(f"{r[k]:>9.3f}" for k in pass_keys)
+                 + f"{r['mean_length']:>9.1f}{r['entropy']:>9.3f}{r['truncation_rate']:>11.3f}")
   return "\n".join(lines)
 
 
