@@ -54,6 +54,13 @@ def base_config():
   # forward; the KL is coarsened to those k tokens + the rest (exact at k = vocab size). 0 = off.
   c.teacher_cache.top_k = 0
 
+  c.curriculum = ml_collections.ConfigDict()  # entropy-gated training length (sampled prefixes)
+  c.curriculum.enabled = False  # on: sampling.max_new_tokens is replaced by the curriculum's length
+  c.curriculum.lengths = (16, 32)  # L_0 < L_1 < ...: training lengths of the stages
+  c.curriculum.stage_steps = 100  # steps per stage; H is measured at each stage end
+  c.curriculum.h_min = 0.1  # advance only while the held-out entropy (nats/token) is >= h_min
+  c.curriculum.eval_problems = 64  # held-out prompts (eval split) the entropy is measured on
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4
   c.optimizer.warmup_steps = 10

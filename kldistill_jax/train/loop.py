@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 
 from kldistill_jax import data as data_lib
-from kldistill_jax.train import distributed, flops, prefixes, trajectories
+from kldistill_jax.train import curriculum, distributed, flops, prefixes, trajectories
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -52,13 +52,28 @@ def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_si
   return student, teacher
 
 
-def _training_batch(data_batch, *, cached, objective, sampler, rng, config, tokenizer):
+def _training_batch(data_batch, *, cached, objective, sampler, rng, config, tokenizer, length):
   """(step batch, rollout statistics) from the cache, the dataset, or `sampler` (teacher or student)."""
   if cached:
     return data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
   if objective.prefix == "dataset":
     return prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
-  return prefixes.from_sampler(sampler, data_batch, rng=rng, settings=config.sampling, tokenizer=tokenizer)
+  return prefixes.from_sampler(sampler, data_batch, rng=rng, settings=config.sampling, tokenizer=tokenizer,
+                               max_new_tokens=length)
+
+
+def _curriculum_step(state, step, curriculum_config, measure_entropy, model, desc):
+  """At a stage end: measure the held-out entropy, decide, say so. Returns (state, metrics)."""
+  if not curriculum.is_stage_end(step, curriculum_config):
+    return state, {}
+  length = curriculum.length_at(state, curriculum_config)
+  entropy = measure_entropy(model, length)
+  state, decision = curriculum.decide(state, entropy, curriculum_config)
+  message = (f"{desc}: step {step}: curriculum stage {decision.stage} at length {decision.length}: held-out "
+             f"entropy {entropy:.4f} vs h_min {curriculum_config.h_min}: {decision.decision} -> length "
+             f"{decision.next_length}")
+  logging.warning(message)  # the run's one decision per stage is worth seeing at the default verbosity
+  return state, {"curriculum_entropy": entropy, "curriculum_next_length": float(decision.next_length)}
 
 
 def check_batch_size(config, mesh):
@@ -75,13 +90,16 @@ def check_batch_size(config, mesh):
 
 
 def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train",
-                trajectory_cache=None, cache_flops=0):
+                trajectory_cache=None, cache_flops=0, curriculum_config=None, measure_entropy=None):
   """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns (student, FLOP counters).
 
   config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
   checkpoint_every, keep_checkpoints, log_every). teacher: a Transformer or None (dataset prefixes only).
   trajectory_cache: a built `trajectories` cache directory: teacher prefixes are read from it instead of
   sampled (its one-off generation cost, `cache_flops`, starts the teacher FLOP counter).
+  curriculum_config: a `curriculum.CurriculumConfig`: the sampled training length follows the
+  entropy-gated curriculum, `measure_entropy(model, length) -> float` measuring H at each stage end; its
+  state is checkpointed with the run.
   """
   workdir = pathlib.Path(workdir)
   check_batch_size(config, mesh)
@@ -121,6 +139,8 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   if restored is not None:
     start, state, meta = restored
     logging.info("%s: resumed from step %d in %s", desc, start, workdir)
+  stage_state = curriculum.CurriculumState.from_dict(meta["curriculum"]) if "curriculum" in meta \
+      else curriculum.CurriculumState()
   writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
   base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
   bar = _progress(config.steps, start, desc)
@@ -132,8 +152,10 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       data_batch = distributed.global_batch(batch_np, mesh)
       key = jax.random.fold_in(base_key, step)
       sampler = teacher if objective.prefix == "teacher" else model.merge(state.params)
+      length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
       batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
-                                       sampler=sampler, rng=key, config=config, tokenizer=tokenizer)
+                                       sampler=sampler, rng=key, config=config, tokenizer=tokenizer,
+                                       length=length)
       state, metrics = step_fn(state, batch, teacher_split)
       metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
       elapsed = time.perf_counter() - began
@@ -144,6 +166,12 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
             f"{desc}: step {step + 1}: metric {bad[0]!r} is {metrics[bad[0]]}; stopped without saving. "
             f"The last good checkpoint (step {checkpointer.latest_step()}) is kept in "
             f"{workdir / 'checkpoints'}")
+      decided = {}
+      if curriculum_config is not None:
+        stage_state, decided = _curriculum_step(stage_state, step + 1, curriculum_config, measure_entropy,
+                                                model.merge(state.params), desc)
+        meta["curriculum"] = stage_state.to_dict()
+        metrics.update(decided, training_length=float(length))
       decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
       s_flops, t_flops = _step_flops(
           student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
@@ -153,9 +181,9 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       meta["teacher_flops"] += t_flops
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
                      student_flops=float(meta["student_flops"]), teacher_flops=float(meta["teacher_flops"]))
-      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0:
+      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0 or decided:
         writer.write(step + 1, metrics)
-      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or decided:
         checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
       if bar is not None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response_length']:.1f}",

@@ -21,17 +21,20 @@ def from_dataset(data_batch):
   }
 
 
-def from_sampler(model, data_batch, *, rng, settings, tokenizer, with_model_logprobs=False):
+def from_sampler(model, data_batch, *, rng, settings, tokenizer, with_model_logprobs=False,
+                 max_new_tokens=None):
   """Prompt + a completion sampled by `model` (the teacher, or the student at its current parameters).
 
   settings: the `sampling` ConfigDict (max_new_tokens = the training length, temperature, top_k, top_p).
   with_model_logprobs: also return the sampler's untempered log-probs as "teacher_logprobs" (when the
   sampler IS the teacher: cached trajectories need no teacher forward later).
+  max_new_tokens: overrides settings.max_new_tokens (the length curriculum's current length).
   Returns (step batch, rollout statistics: mean response length, truncation rate, sampler entropy).
   """
   prompt_tokens, prompt_mask = data_batch["prompt_tokens"], data_batch["prompt_mask"]
   out = sampling.sample(model, prompt_tokens, prompt_mask, rng=rng,
-                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                        max_new_tokens=max_new_tokens or settings.max_new_tokens,
+                        temperature=settings.temperature,
                         top_k=settings.top_k, top_p=settings.top_p, eos_ids=tokenizer.eos_ids,
                         pad_id=tokenizer.pad_id)
   completion = out.completion_mask

@@ -67,6 +67,21 @@ def _evaluate(config, model, tokenizer, records, mesh, check):
                              pass_k=tuple(e.pass_k))
 
 
+def _entropy_probe(config, tokenizer, records, mesh, check):
+  """model, length -> the mean per-token entropy of the model's own samples (training temperature) on the
+  first curriculum.eval_problems held-out prompts: the curriculum's H."""
+  probe = [records[i] for i in range(min(config.curriculum.eval_problems, len(records)))]
+
+  def measure(model, length):
+    s = config.sampling
+    return evaluation.evaluate(model, probe, tokenizer, check=check, template=config.data.template,
+                               prompt_len=config.data.prompt_len, max_new_tokens=length,
+                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                               batch_size=config.eval.batch_size // jax.process_count(),
+                               rng=jax.random.key(config.eval.seed), mesh=mesh)["entropy"]
+  return measure
+
+
 def format_table(rows):
   """Final table: one line per evaluated model (accuracy = Avg@n over n samples per problem)."""
   pass_keys = sorted({k for r in rows.values() for k in r if k.startswith("pass_at_")},
@@ -86,6 +101,7 @@ def run_distill(config, workdir):
   workdir = _local_workdir(workdir)
   objective = setup.make_objective(config)
   setup.check_teacher_cache(config, objective)
+  curriculum_config = setup.make_curriculum(config, objective)
   mesh = setup.make_mesh(config)
   setup.check_tokenizers(config)
   from kldistill_jax import data  # pylint: disable=g-import-not-at-top
@@ -112,12 +128,16 @@ def run_distill(config, workdir):
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
-                                trajectory_cache=cache, cache_flops=cache_flops)
+                                trajectory_cache=cache, cache_flops=cache_flops,
+                                curriculum_config=curriculum_config,
+                                measure_entropy=_entropy_probe(config, tokenizer, eval_records, mesh, check))
     hf.save(student, workdir / "student")
     results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
   table = format_table(results)
   summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
-  summary["flops"] = meta
+  summary["flops"] = {k: meta[k] for k in ("student_flops", "teacher_flops")}
+  if "curriculum" in meta:
+    summary["curriculum"] = meta["curriculum"]
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + table)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from kldistill_jax import data, objectives
 from kldistill_jax.models import ModelConfig, hf, sharding
+from kldistill_jax.train import curriculum
 
 MODEL_FIELDS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "qk_norm", "qkv_bias")
@@ -55,6 +56,19 @@ def check_teacher_cache(config, objective):
   if top_k and objective.temperature != 1.0:
     raise ValueError(f"teacher_cache.top_k={top_k} stores the teacher's log-probs at temperature 1; "
                      f"objective.temperature={objective.temperature} would need them tempered")
+
+
+def make_curriculum(config, objective):
+  """The CurriculumConfig of config.curriculum, or None when it is off."""
+  c = config.curriculum
+  if not c.enabled:
+    return None
+  if objective.prefix == "dataset" or config.teacher_cache.enabled:
+    raise ValueError("curriculum.enabled changes the sampled training length: it needs sampled prefixes "
+                     "(objective.prefix 'student' or 'teacher' without teacher_cache)")
+  if c.eval_problems < 1:
+    raise ValueError(f"curriculum.eval_problems must be >= 1, got {c.eval_problems}")
+  return curriculum.CurriculumConfig(lengths=tuple(c.lengths), stage_steps=c.stage_steps, h_min=c.h_min)
 
 
 def make_source(config, split):
