@@ -1,6 +1,5 @@
 """Bad input fails before compute with an error naming the field (file, line), and loses nothing written."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import config_files
 from kldistill_jax.train import runner
 from kldistill_jax.train.loop import NonFiniteLossError
 
@@ -19,22 +19,11 @@ TEACHER = ROOT / "assets" / "arithmetic_teacher"
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.steps, c.batch_size, c.checkpoint_every, c.log_every = 2, 8, 1, 1
-  c.student.warmup_steps = 0
-  c.data.difficulties = c.eval.difficulties = (2,)
-  c.sampling.max_new_tokens = c.eval.max_new_tokens = 12
-  c.eval.num_problems, c.eval.batch_size = 8, 8
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    section = c
-    for p in parents:
-      section = section[p]
-    section[leaf] = value
-  return c
+  """configs/quickstart.py at test size (2 steps, 8 prompts, 2-term problems) with dotted overrides."""
+  small = {"steps": 2, "batch_size": 8, "checkpoint_every": 1, "log_every": 1, "student.warmup_steps": 0,
+           "data.difficulties": (2,), "eval.difficulties": (2,), "sampling.max_new_tokens": 12,
+           "eval.max_new_tokens": 12, "eval.num_problems": 8, "eval.batch_size": 8}
+  return config_files.load("quickstart", **{**small, **overrides})
 
 
 @pytest.mark.parametrize("field,value,match", [

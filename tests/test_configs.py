@@ -1,27 +1,22 @@
 """The 2x2 and mixed-KL configs run end to end (`:smoke` presets, in-process, 8 simulated devices)."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import pytest
 
+import config_files
 from kldistill_jax import data
 from kldistill_jax.models import hf
 from kldistill_jax.train import flops, runner, setup
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CELLS = ("sft", "dagger", "offline_rl", "opd", "kl_mix")
 METRICS = ("loss", "forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "response_length",
            "truncation_rate", "tokens_per_s", "step_time_s", "student_flops", "teacher_flops")
 
 
 def _config(name, arg="smoke"):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = config_files.load(name, arg)
   # No student fitting stage, and evaluation sampling like training: fewer compiles per run (they
   # dominate); the distillation run is what is tested here.
   config.student.warmup_steps = 0

@@ -1,11 +1,12 @@
 """run.py and the configs: every config loads, the identities job runs end to end and fails loudly."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+import config_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -18,9 +19,7 @@ def _run(*args):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_files.module(path)
   config = module.get_config()
   assert config.job and module.__doc__ and "python run.py --config" in module.__doc__
 

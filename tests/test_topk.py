@@ -3,9 +3,7 @@ analytic gradient, k = V equals the exact forward KL, k < V bounds it from below
 `sampling.score_topk` against full logits, the objective and step paths, and a cached sft run with no
 teacher forward equal to the re-scoring run when k = V."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import config_files
 import numpy_reference as ref
 from kldistill_jax import losses, models, objectives, sampling
 from kldistill_jax.train import runner, setup, step, trajectories
 from kldistill_jax.train import state as state_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 B, T, V = 2, 5, 9
 MASK = np.array([[1, 1, 0.5, 0, 1], [0, 1, 1, 1, 0]], np.float32)
 
@@ -208,20 +206,11 @@ def test_step_skips_the_teacher_forward(model):
 # ----------------------------------------------------------------------------- config and cache checks
 
 def _sft(**overrides):
-  spec = importlib.util.spec_from_file_location("sft", ROOT / "configs" / "sft.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
-  c.student.warmup_steps = 0  # fewer compiles: the distillation run is what is tested
-  c.eval.temperature = c.sampling.temperature
-  c.teacher_cache.enabled = True
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    section = c
-    for name in parents:
-      section = section[name]
-    section[leaf] = value
-  return c
+  # No student fitting stage, evaluation sampling like training: fewer compiles; the run is what is tested.
+  base = config_files.load("sft", "smoke")
+  defaults = {"student.warmup_steps": 0, "eval.temperature": base.sampling.temperature,
+              "teacher_cache.enabled": True}
+  return config_files.load("sft", "smoke", **{**defaults, **overrides})
 
 
 @pytest.mark.parametrize("overrides,match", [
