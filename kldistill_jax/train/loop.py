@@ -52,12 +52,16 @@ def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_si
   return student, teacher
 
 
-def _training_batch(data_batch, *, cached, objective, sampler, rng, config, tokenizer, length):
-  """(step batch, rollout statistics) from the cache, the dataset, or `sampler` (teacher or student)."""
+def _training_batch(data_batch, *, cached, objective, teacher, student, rng, config, tokenizer, length):
+  """(step batch, rollout statistics) from the cache, the dataset, or the teacher's / student's sampler.
+
+  student: () -> the student at its current parameters (built only when it samples).
+  """
   if cached:
     return data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
   if objective.prefix == "dataset":
     return prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
+  sampler = teacher if objective.prefix == "teacher" else student()
   return prefixes.from_sampler(sampler, data_batch, rng=rng, settings=config.sampling, tokenizer=tokenizer,
                                max_new_tokens=length)
 
@@ -151,11 +155,10 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       batch_np.pop("index", None)
       data_batch = distributed.global_batch(batch_np, mesh)
       key = jax.random.fold_in(base_key, step)
-      sampler = teacher if objective.prefix == "teacher" else model.merge(state.params)
       length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
       batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
-                                       sampler=sampler, rng=key, config=config, tokenizer=tokenizer,
-                                       length=length)
+                                       teacher=teacher, student=lambda: model.merge(state.params), rng=key,
+                                       config=config, tokenizer=tokenizer, length=length)
       state, metrics = step_fn(state, batch, teacher_split)
       metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
       elapsed = time.perf_counter() - began
