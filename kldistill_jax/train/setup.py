@@ -132,12 +132,11 @@ def load_model(section, field, vocab_size, mesh, seed, path=None):
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
   shardings = sharding.param_shardings(nnx.state(abstract), mesh)
 
-  @jax.jit
   def init():
     return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
 
   graphdef = nnx.graphdef(abstract)
-  state = jax.jit(init.__wrapped__, out_shardings=shardings)()
+  state = jax.jit(init, out_shardings=shardings)()  # each parameter created on its shard
   return nnx.merge(graphdef, state)
 
 
