@@ -58,27 +58,28 @@ def _cached_or_fitted(config, section, field, workdir, *, steps, learning_rate, 
   return model
 
 
-def _evaluate(config, model, tokenizer, records, mesh, check):
+def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
+  """evaluation.evaluate with the config's eval settings (`overrides` replace them)."""
   e = config.eval
+  settings = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                  samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k))
+  settings.update(overrides)
   return evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
-                             prompt_len=config.data.prompt_len, max_new_tokens=e.max_new_tokens,
-                             temperature=e.temperature, batch_size=e.batch_size // jax.process_count(),
-                             rng=jax.random.key(e.seed), mesh=mesh, samples_per_prompt=e.samples_per_prompt,
-                             pass_k=tuple(e.pass_k))
+                             prompt_len=config.data.prompt_len,
+                             batch_size=e.batch_size // jax.process_count(), rng=jax.random.key(e.seed),
+                             mesh=mesh, **settings)
 
 
 def _entropy_probe(config, tokenizer, records, mesh, check):
   """model, length -> the mean per-token entropy of the model's own samples (training temperature) on the
   first curriculum.eval_problems held-out prompts: the curriculum's H."""
   probe = [records[i] for i in range(min(config.curriculum.eval_problems, len(records)))]
+  s = config.sampling
 
   def measure(model, length):
-    s = config.sampling
-    return evaluation.evaluate(model, probe, tokenizer, check=check, template=config.data.template,
-                               prompt_len=config.data.prompt_len, max_new_tokens=length,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                               batch_size=config.eval.batch_size // jax.process_count(),
-                               rng=jax.random.key(config.eval.seed), mesh=mesh)["entropy"]
+    return _evaluate(config, model, tokenizer, probe, mesh, check, max_new_tokens=length,
+                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, samples_per_prompt=1,
+                     pass_k=(1,))["entropy"]
   return measure
 
 
