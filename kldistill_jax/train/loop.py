@@ -22,7 +22,7 @@ from kldistill_jax.train import curriculum, distributed, flops, prefixes, trajec
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
-from kldistill_jax.train.step import build_train_step
+from kldistill_jax.train.step import build_train_step, teacher_outputs_cached
 from kldistill_jax.models import sharding
 
 
@@ -133,8 +133,6 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   # Few prefetch threads: the batches are cheap and the cores belong to XLA.
   iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
   generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
-  teacher_scores = teacher is not None and not (trajectory_cache is not None and (
-      objective.estimator == "sampled" or config.teacher_cache.top_k > 0))
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
   abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                   state)
@@ -178,7 +176,8 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
       s_flops, t_flops = _step_flops(
           student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
-          generator=generator, teacher_scores=teacher_scores, batch_size=config.batch_size,
+          generator=generator, batch_size=config.batch_size,
+          teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
           prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
       meta["student_flops"] += s_flops
       meta["teacher_flops"] += t_flops

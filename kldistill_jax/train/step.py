@@ -33,13 +33,18 @@ def _forward(model, batch, hidden):
   return out
 
 
+def teacher_outputs_cached(objective, batch) -> bool:
+  """Whether the batch's cached teacher outputs replace the teacher forward: per-token log-probs serve
+  the sampled estimator, top-k log-probs the exact forward KL. (The loop counts FLOPs by it too.)"""
+  if objective.estimator == "sampled":
+    return "teacher_logprobs" in batch
+  return objective.kl == "forward" and objectives.TOPK_KEYS[0] in batch
+
+
 def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True):
   """Objective loss of the student with `params` on one (micro-)batch; teacher may be None."""
   model = student.merge(params)
-  # Cached teacher outputs replace the teacher forward: per-token log-probs serve the sampled estimator,
-  # top-k log-probs the exact forward KL.
-  cached = ("teacher_logprobs" in batch if objective.estimator == "sampled"
-            else objective.kl == "forward" and objectives.TOPK_KEYS[0] in batch)
+  cached = teacher_outputs_cached(objective, batch)
   teacher_model = None if teacher is None or cached else teacher.merge()
   if fused and teacher_model is not None and objective.estimator == "exact":
     # Never materialises [B, L, V] logits (see losses.fused_token_kl).
