@@ -1,13 +1,17 @@
-"""Reasoning datasets from files: JSONL (GSM8K / MATH layouts) and tfds array_record, as records.
+"""Reasoning datasets from files: JSONL (GSM8K / MATH / AIME / AMC layouts) and tfds array_record, as
+records; benchmark files named by "name=format:path" specs.
 
 A record is dict(prompt=str, response=str (the reference solution), answer=str). Sources are random
 access (`len`, `[i]`), which is what `grain.MapDataset.source` needs.
 """
 
+import decimal
 import json
+import math
 import pathlib
+import re
 
-FORMATS = ("gsm8k", "math")
+FORMATS = ("gsm8k", "math", "aime", "amc")
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -51,12 +55,56 @@ def _math_record(row):
   return dict(prompt=_field(row, "problem"), response=solution, answer=answer)
 
 
-_PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record}
+def _key(row, *keys):
+  """The first of `keys` in `row` (public AIME / AMC files differ in capitalisation)."""
+  for key in keys:
+    if key in row:
+      return key
+  raise ValueError(f"missing key {keys[0]!r}")
+
+
+def number_answer(value) -> str:
+  """A JSON answer (int, float or str) as a string: integral floats lose their '.0' (142.0 -> '142'),
+  other floats are plain decimals (0.5 -> '0.5', 1e-07 -> '0.0000001'), strings are stripped."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise ValueError(f"the answer must be a number or a string, got {type(value).__name__}")
+  if isinstance(value, str):
+    answer = value.strip()
+  elif isinstance(value, int):
+    answer = str(value)
+  elif not math.isfinite(value):
+    raise ValueError(f"the answer must be finite, got {value}")
+  elif value.is_integer():
+    answer = str(int(value))
+  else:
+    answer = format(decimal.Decimal(repr(value)), "f")  # repr: the shortest round-tripping digits
+  if not answer:
+    raise ValueError("empty answer")
+  return answer
+
+
+def _competition_record(row, integer_answer):
+  answer = number_answer(row[_key(row, "answer", "Answer")])
+  if integer_answer and not re.fullmatch(r"-?[0-9]+", answer):
+    raise ValueError(f"an AIME answer is an integer, got {answer!r}")
+  solution = row.get("solution", row.get("Solution"))
+  if solution is not None and not isinstance(solution, str):
+    raise ValueError(f"'solution' must be a string, got {type(solution).__name__}")
+  return dict(prompt=_field(row, _key(row, "problem", "Problem")), response=solution or "", answer=answer)
+
+
+_PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record,
+            "aime": lambda row: _competition_record(row, integer_answer=True),
+            "amc": lambda row: _competition_record(row, integer_answer=False)}
 
 
 def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-builtin
-  """Records of a JSONL file in the GSM8K (`question`, `answer` ending '#### N') or MATH (`problem`,
-  `solution`, optional `answer`, else the last \\boxed{}) layout.
+  """Records of a JSONL file in the GSM8K (`question`, `answer` ending '#### N'), MATH (`problem`,
+  `solution`, optional `answer`, else the last \\boxed{}), AIME or AMC layout.
+
+  AIME and AMC files (as AI-MO/aimo-validation-aime / -amc) are evaluation-only: `problem` (or `Problem`)
+  and `answer` (or `Answer`: an integer for AIME, a number or string for AMC; see `number_answer`); the
+  response is the optional `solution`, else "". Other keys (`id`, `year`, ...) are ignored.
 
   Any bad line raises ValueError naming the file and its 1-based line number. Blank lines are errors,
   except at the very end of the file (an editor's trailing newlines).
@@ -84,6 +132,23 @@ def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-bu
     except ValueError as e:  # json.JSONDecodeError is a ValueError
       raise ValueError(f"{path}:{number}: {format} record: {e}") from e
   return records
+
+
+def read_benchmark(spec: str) -> list[dict]:
+  """Records of the benchmark file named by `spec`, "name=format:path" (e.g. "aime24=aime:/data/a.jsonl"),
+  each with `benchmark=name` (evaluation reports each benchmark as its own group)."""
+  expected = '"name=format:path" with format one of ' + ", ".join(FORMATS)
+  if not isinstance(spec, str):
+    raise ValueError(f"benchmark spec {spec!r} is not a string: expected {expected}")
+  name, eq, rest = spec.partition("=")
+  fmt, colon, path = rest.partition(":")
+  if not eq or not colon or not path:
+    raise ValueError(f"malformed benchmark spec {spec!r}: expected {expected}")
+  if not name.strip():
+    raise ValueError(f"benchmark spec {spec!r} has an empty name: expected {expected}")
+  if fmt not in FORMATS:
+    raise ValueError(f"benchmark spec {spec!r}: unknown format {fmt!r}: expected {expected}")
+  return [dict(record, benchmark=name) for record in read_jsonl(path, fmt)]
 
 
 class TfdsSource:

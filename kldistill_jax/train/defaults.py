@@ -117,4 +117,7 @@ def base_config():
   c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
   c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
   c.eval.seed = 0
+  # ("name=format:path", ...), format gsm8k | math | aime | amc: when non-empty, the held-out evaluation is
+  # these JSONL files (each its own group in results.json by_group) instead of the data source's eval split
+  c.eval.benchmarks = ()
   return c

@@ -90,9 +90,28 @@ def make_source(config, split):
   raise ValueError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
 
 
+def eval_records(config):
+  """The held-out records: the config.eval.benchmarks files (each record tagged with its benchmark name),
+  else make_source(config, config.eval.split)."""
+  if not config.eval.benchmarks:
+    return make_source(config, config.eval.split)
+  records, names = [], set()
+  for spec in config.eval.benchmarks:
+    try:
+      benchmark = data.read_benchmark(spec)
+    except ValueError as e:
+      raise ValueError(f"eval.benchmarks: {e}") from e
+    name = benchmark[0]["benchmark"]
+    if name in names:
+      raise ValueError(f"eval.benchmarks names {name!r} twice: each benchmark is its own group in results")
+    names.add(name)
+    records += benchmark
+  return records
+
+
 def answer_check(config):
-  """(completion text, reference answer) -> bool for config.data.source."""
-  if config.data.source == "arithmetic":
+  """(completion text, reference answer) -> bool for the held-out records (eval_records)."""
+  if config.data.source == "arithmetic" and not config.eval.benchmarks:
     return data.is_correct
   from kldistill_jax import rewards  # pylint: disable=g-import-not-at-top
   return rewards.is_correct
