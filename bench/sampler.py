@@ -9,7 +9,9 @@ Both run on identical random weights: a random Qwen3 checkpoint is made with tor
 `save_pretrained`, and loaded into our model with `kldistill_jax.models.hf.load`. Batch 8, prompt 64,
 256 new tokens (EOS disabled on both sides so every row generates the full budget), sizes hidden 256 x 4
 layers and hidden 1024 x 8 layers with a 32k vocabulary; greedy and sampled (temperature 1, no top-k /
-top-p). Our time excludes compilation (one warm-up call per configuration, as a training loop amortises
+top-p). `--dtype bfloat16` casts both sides' weights and activations to bfloat16 (the accelerator
+setting); float32 runs both at full float32 precision (on a GPU, JAX's matmul precision is set to "highest",
+as torch runs float32 matmuls without TF32 by default). Our time excludes compilation (one warm-up call per configuration, as a training loop amortises
 it); both report the median of --repeats calls. Greedy outputs are compared token by token as a check.
 """
 
@@ -33,7 +35,7 @@ SIZES = {  # name: (hidden, layers, heads, kv_heads, head_dim, intermediate)
 }
 
 
-def make_checkpoint(directory, size, vocab_size, seed):
+def make_checkpoint(directory, size, vocab_size, seed, device, dtype):
   hidden, layers, heads, kv_heads, head_dim, intermediate = size
   torch.manual_seed(seed)
   config = transformers.Qwen3Config(
@@ -42,7 +44,7 @@ def make_checkpoint(directory, size, vocab_size, seed):
       max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float32")
   model = transformers.Qwen3ForCausalLM(config).eval()
   model.save_pretrained(directory)
-  return model
+  return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 def median_time(fn, repeats):
@@ -64,7 +66,7 @@ def bench_ours(model, prompts, new_tokens, greedy, repeats):
 
 
 def bench_transformers(model, prompts, new_tokens, greedy, repeats):
-  inputs = torch.from_numpy(prompts.astype(np.int64))
+  inputs = torch.from_numpy(prompts.astype(np.int64)).to(model.device)
   kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=not greedy,
                 pad_token_id=0, eos_token_id=None)
   if not greedy:
@@ -72,7 +74,8 @@ def bench_transformers(model, prompts, new_tokens, greedy, repeats):
 
   def run():
     with torch.no_grad():
-      return model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+      # .cpu() waits for the GPU, so the time covers the whole generation
+      return model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs).cpu()
 
   out = run()  # warm-up, as for ours
   return median_time(run, repeats), out[:, prompts.shape[1]:].numpy()
@@ -86,20 +89,24 @@ def main():
   parser.add_argument("--vocab", type=int, default=32768)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--quick", action="store_true", help="tiny run: vocab 1024, 32 new tokens")
   args = parser.parse_args()
   if args.quick:
     args.vocab, args.new_tokens, args.prompt, args.repeats, args.sizes = 1024, 32, 16, 1, ["h256x4"]
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda" and args.dtype == "float32":
+    jax.config.update("jax_default_matmul_precision", "highest")  # torch's float32 matmuls use no TF32
 
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+  print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} ({device}, "
+        f"{torch.get_num_threads()} threads), transformers {transformers.__version__}, {args.dtype}")
   print(f"batch {args.batch}, prompt {args.prompt}, new tokens {args.new_tokens}, vocab {args.vocab}, "
         f"median of {args.repeats}")
   rows = []
   for name in args.sizes:
     with tempfile.TemporaryDirectory() as directory:
-      torch_model = make_checkpoint(directory, SIZES[name], args.vocab, seed=0)
-      ours = hf.load(directory)
+      torch_model = make_checkpoint(directory, SIZES[name], args.vocab, 0, device, args.dtype)
+      ours = hf.load(directory, dtype=args.dtype, compute_dtype=args.dtype)
     prompts = np.random.default_rng(0).integers(1, args.vocab, (args.batch, args.prompt))
     generated = args.batch * args.new_tokens
     for mode in ("greedy", "sampled"):

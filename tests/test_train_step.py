@@ -91,7 +91,7 @@ def test_step_loss_matches_reference_and_golden(setup, name):
     else:
       expected = np.mean(s_lp - t_lp)
   np.testing.assert_allclose(metrics["loss"], expected, rtol=5e-5, atol=1e-6)
-  np.testing.assert_allclose(metrics["loss"], GOLDEN[name], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], GOLDEN[name], rtol=1e-5, atol=2e-7)  # GPU reductions differ ~1e-7
 
 
 @pytest.mark.parametrize("name", ["sft", "opd", "mixed_0.3"])
