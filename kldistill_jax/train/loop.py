@@ -93,6 +93,87 @@ def check_batch_size(config, mesh):
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
 
 
+def initial_state(config, model, mesh, *, total_steps):
+  """(optimizer, TrainState on `mesh`, its shardings) for the Split `model`'s params; the optimizer's decay
+  horizon is `total_steps` updates."""
+  optimizer_config = config.optimizer.copy_and_resolve_references()
+  with optimizer_config.unlocked():
+    optimizer_config.total_steps = total_steps
+  optimizer = make_optimizer(optimizer_config)
+  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, config.seed), model.params)
+  shardings = state_shardings(abstract, mesh)
+  state = jax.jit(lambda p: init_state(p, optimizer, config.seed), out_shardings=shardings)(model.params)
+  return optimizer, state, shardings
+
+
+def data_iterator(config, source, tokenizer, *, trajectory_cache=None):
+  """This process's checkpointable iterator over training batches (or cached teacher trajectories)."""
+  local_batch = config.batch_size // jax.process_count()
+  processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if trajectory_cache is not None:
+    dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, **processes)
+  else:
+    dataset = data_lib.make_dataset(
+        source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
+        response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed, **processes)
+  # Few prefetch threads: the batches are cheap and the cores belong to XLA.
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, postfix=("loss",)):
+  """The resumable loop every stage shares: restore, step, stop on NaN, log, checkpoint.
+
+  one_step(state, step, data_batch, key, meta) -> (state, metrics, decided) runs step `step` (0-based) on
+  the global data batch (its "index": int32 record indices) with key fold_in(seed key, step); it may update the `meta` dict (FLOP counters,
+  curriculum state), which is checkpointed with the state. `decided` forces a metrics line and a checkpoint
+  (e.g. a curriculum decision). Metrics "loss" and "grad_norm" must be finite.
+  Returns (state, meta) after config.steps steps.
+  """
+  workdir = pathlib.Path(workdir)
+  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+  abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                  state)
+  start = 0
+  restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
+  if restored is not None:
+    start, state, meta = restored
+    logging.info("%s: resumed from step %d in %s", desc, start, workdir)
+  writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
+  base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
+  bar = _progress(config.steps, start, desc)
+  try:
+    for step in range(start, config.steps):
+      began = time.perf_counter()
+      batch_np = dict(next(iterator))
+      if "index" in batch_np:
+        batch_np["index"] = batch_np["index"].astype(np.int32)  # record indices; JAX runs without x64
+      data_batch = distributed.global_batch(batch_np, mesh)
+      state, metrics, decided = one_step(state, step, data_batch, jax.random.fold_in(base_key, step), meta)
+      bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+      if bad:
+        writer.write(step + 1, metrics)
+        raise NonFiniteLossError(
+            f"{desc}: step {step + 1}: metric {bad[0]!r} is {metrics[bad[0]]}; stopped without saving. "
+            f"The last good checkpoint (step {checkpointer.latest_step()}) is kept in "
+            f"{workdir / 'checkpoints'}")
+      elapsed = time.perf_counter() - began
+      metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
+                     **{k: float(v) for k, v in meta.items() if k.endswith("_flops")})
+      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0 or decided:
+        writer.write(step + 1, metrics)
+      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or decided:
+        checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
+      if bar is not None:
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in postfix if k in metrics}, refresh=False)
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+    checkpointer.close()
+    writer.close()
+  return state, meta
+
+
 def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train",
                 trajectory_cache=None, cache_flops=0, curriculum_config=None, measure_entropy=None):
   """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns (student, FLOP counters).
@@ -105,96 +186,45 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   entropy-gated curriculum, `measure_entropy(model, length) -> float` measuring H at each stage end; its
   state is checkpointed with the run.
   """
-  workdir = pathlib.Path(workdir)
   check_batch_size(config, mesh)
-  optimizer_config = config.optimizer.copy_and_resolve_references()
-  with optimizer_config.unlocked():
-    optimizer_config.total_steps = config.steps
-  optimizer = make_optimizer(optimizer_config)
   model = split(student)
   teacher_split = None if teacher is None else split(teacher)
-
-  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, config.seed), model.params)
-  shardings = state_shardings(abstract, mesh)
-  state = jax.jit(lambda p: init_state(p, optimizer, config.seed), out_shardings=shardings)(model.params)
+  optimizer, state, shardings = initial_state(config, model, mesh, total_steps=config.steps)
   frozen = Split(model.graphdef, None, model.rest)
   step_fn = build_train_step(student=frozen, objective=objective, optimizer=optimizer,
                              micro_batches=config.micro_batches, state_shardings=shardings,
                              batch_sharding=sharding.batch_sharding(mesh), fused=config.objective.fused)
-
-  local_batch = config.batch_size // jax.process_count()
-  processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if trajectory_cache is not None:
-    dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, **processes)
-  else:
-    dataset = data_lib.make_dataset(
-        source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
-        response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed, **processes)
-  # Few prefetch threads: the batches are cheap and the cores belong to XLA.
-  iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  iterator = data_iterator(config, source, tokenizer, trajectory_cache=trajectory_cache)
   generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
-  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-  abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                  state)
-  start, meta = 0, {"student_flops": 0, "teacher_flops": cache_flops}
-  restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
-  if restored is not None:
-    start, state, meta = restored
-    logging.info("%s: resumed from step %d in %s", desc, start, workdir)
-  stage_state = curriculum.CurriculumState.from_dict(meta["curriculum"]) if "curriculum" in meta \
-      else curriculum.CurriculumState()
-  writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
-  base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
-  bar = _progress(config.steps, start, desc)
-  try:
-    for step in range(start, config.steps):
-      began = time.perf_counter()
-      batch_np = dict(next(iterator))
-      batch_np.pop("index", None)
-      data_batch = distributed.global_batch(batch_np, mesh)
-      key = jax.random.fold_in(base_key, step)
-      length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
-      batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
-                                       teacher=teacher, student=lambda: model.merge(state.params), rng=key,
-                                       config=config, tokenizer=tokenizer, length=length)
-      state, metrics = step_fn(state, batch, teacher_split)
-      metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
-      elapsed = time.perf_counter() - began
-      bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-      if bad:
-        writer.write(step + 1, metrics)
-        raise NonFiniteLossError(
-            f"{desc}: step {step + 1}: metric {bad[0]!r} is {metrics[bad[0]]}; stopped without saving. "
-            f"The last good checkpoint (step {checkpointer.latest_step()}) is kept in "
-            f"{workdir / 'checkpoints'}")
-      decided = {}
-      if curriculum_config is not None:
-        stage_state, decided = _curriculum_step(stage_state, step + 1, curriculum_config, measure_entropy,
-                                                model.merge(state.params), desc)
-        meta["curriculum"] = stage_state.to_dict()
-        metrics.update(decided, training_length=float(length))
-      decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
-      s_flops, t_flops = _step_flops(
-          student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
-          generator=generator, batch_size=config.batch_size,
-          teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
-          prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
-      meta["student_flops"] += s_flops
-      meta["teacher_flops"] += t_flops
-      metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
-                     student_flops=float(meta["student_flops"]), teacher_flops=float(meta["teacher_flops"]))
-      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0 or decided:
-        writer.write(step + 1, metrics)
-      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or decided:
-        checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
-      if bar is not None:
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", len=f"{metrics['response_length']:.1f}",
-                        refresh=False)
-        bar.update(1)
-  finally:
-    if bar is not None:
-      bar.close()
-    checkpointer.close()
-    writer.close()
+
+  def one_step(state, step, data_batch, key, meta):
+    data_batch.pop("index", None)
+    stage_state = curriculum.CurriculumState.from_dict(meta["curriculum"]) if "curriculum" in meta \
+        else curriculum.CurriculumState()
+    length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
+    batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
+                                     teacher=teacher, student=lambda: model.merge(state.params), rng=key,
+                                     config=config, tokenizer=tokenizer, length=length)
+    state, metrics = step_fn(state, batch, teacher_split)
+    metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
+    decided = {}
+    if curriculum_config is not None and all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+      stage_state, decided = _curriculum_step(stage_state, step + 1, curriculum_config, measure_entropy,
+                                              model.merge(state.params), desc)
+      meta["curriculum"] = stage_state.to_dict()
+      metrics.update(decided, training_length=float(length))
+    decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
+    s_flops, t_flops = _step_flops(
+        student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
+        generator=generator, batch_size=config.batch_size,
+        teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
+        prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
+    meta["student_flops"] += s_flops
+    meta["teacher_flops"] += t_flops
+    return state, metrics, bool(decided)
+
+  state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
+                         meta={"student_flops": 0, "teacher_flops": cache_flops}, one_step=one_step,
+                         desc=desc, postfix=("loss", "response_length"))
   nnx.update(student, state.params)
   return student, meta
