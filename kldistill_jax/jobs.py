@@ -22,7 +22,8 @@ def run_identities(config, workdir=None):
   return not failed
 
 
-JOBS = {"identities": run_identities, "distill": runner.run_distill, "pretrain": runner.run_pretrain}
+JOBS = {"identities": run_identities, "distill": runner.run_distill, "grpo": runner.run_grpo,
+        "pretrain": runner.run_pretrain}
 
 
 def run(config, workdir=None):

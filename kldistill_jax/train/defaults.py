@@ -20,7 +20,7 @@ def _model_section(**model):
 
 def base_config():
   c = ml_collections.ConfigDict()
-  c.job = "distill"  # kldistill_jax.jobs entry: "distill" or "pretrain"
+  c.job = "distill"  # kldistill_jax.jobs entry: "distill", "grpo", "pretrain" (or "study", configs/study.py)
   c.seed = 0  # parameter init, sampling keys (step i uses fold_in(seed key, i))
   c.steps = 100  # optimizer updates of the distillation run
   c.batch_size = 32  # prompts per update, across all processes
@@ -60,6 +60,13 @@ def base_config():
   c.curriculum.stage_steps = 100  # steps per stage; H is measured at each stage end
   c.curriculum.h_min = 0.1  # advance only while the held-out entropy (nats/token) is >= h_min
   c.curriculum.eval_problems = 64  # held-out prompts (eval split) the entropy is measured on
+
+  c.grpo = ml_collections.ConfigDict()  # job "grpo": RL from the student (student.path) with accuracy rewards
+  c.grpo.group_size = 8  # G completions per prompt; batch_size counts prompts, so a step samples batch_size x G
+  c.grpo.updates_per_batch = 1  # optimizer updates per rollout batch (> 1: the ratio leaves 1, clipping acts)
+  c.grpo.clip_eps = 0.2  # importance-ratio clipping range [1 - eps, 1 + eps]
+  c.grpo.kl_coef = 0.0  # weight of the k3 KL to the frozen starting policy (0 = no reference)
+  c.grpo.normalize_std = True  # advantages (r - mean) / std per group; False = mean baseline only (Dr. GRPO)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

@@ -14,10 +14,11 @@ import pathlib
 
 import jax
 from absl import logging
+from flax import nnx
 
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
-from kldistill_jax.train import setup, trajectories
+from kldistill_jax.train import rl, setup, trajectories
 from kldistill_jax.train.loop import train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
@@ -97,6 +98,30 @@ def format_table(rows):
   return "\n".join(lines)
 
 
+def _data(config):
+  """(tokenizer, training source, held-out records, answer check) of the config."""
+  setup.check_tokenizers(config)
+  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  return tokenizer, setup.make_source(config, "train"), setup.eval_records(config), setup.answer_check(config)
+
+
+def _write_results(workdir, results, meta, examples_of):
+  """results.json (metrics without examples, FLOPs, curriculum), the table and examples on stdout."""
+  summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
+  summary["flops"] = {k: meta[k] for k in ("student_flops", "teacher_flops")}
+  if "curriculum" in meta:
+    summary["curriculum"] = meta["curriculum"]
+  if jax.process_index() == 0:
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n" + format_table(results))
+    print(f"\nstudent FLOPs {meta['student_flops']:.3e}, teacher FLOPs {meta['teacher_flops']:.3e}")
+    for prompt, text, answer, ok in results[examples_of]["examples"]:
+      print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
+  logging.info("results in %s", workdir / "results.json")
+  return summary
+
+
 def run_distill(config, workdir):
   """Teacher and student per the config, distillation with config.objective, evaluation before/after."""
   workdir = _local_workdir(workdir)
@@ -104,11 +129,7 @@ def run_distill(config, workdir):
   setup.check_teacher_cache(config, objective)
   curriculum_config = setup.make_curriculum(config, objective)
   mesh = setup.make_mesh(config)
-  setup.check_tokenizers(config)
-  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
-  tokenizer = data.load_tokenizer(config.data.tokenizer)
-  train_source, eval_records = setup.make_source(config, "train"), setup.make_source(config, config.eval.split)
-  check = setup.answer_check(config)
+  tokenizer, train_source, eval_records, check = _data(config)
   vocab = config.vocab_size or tokenizer.vocab_size
   common = dict(vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
   with jax.set_mesh(mesh):
@@ -134,35 +155,50 @@ def run_distill(config, workdir):
                                 measure_entropy=_entropy_probe(config, tokenizer, eval_records, mesh, check))
     hf.save(student, workdir / "student")
     results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
-  table = format_table(results)
-  summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
-  summary["flops"] = {k: meta[k] for k in ("student_flops", "teacher_flops")}
-  if "curriculum" in meta:
-    summary["curriculum"] = meta["curriculum"]
-  if jax.process_index() == 0:
-    (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n" + table)
-    print(f"\nstudent FLOPs {meta['student_flops']:.3e}, teacher FLOPs {meta['teacher_flops']:.3e}")
-    for prompt, text, answer, ok in results["student after"]["examples"]:
-      print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
-  logging.info("results in %s", workdir / "results.json")
-  return summary
+  return _write_results(workdir, results, meta, "student after")
+
+
+def run_grpo(config, workdir):
+  """GRPO from the student (student.path: e.g. a distilled student's export), evaluated before/after.
+
+  Workdir: student_init/ (only when the inline student is fitted first), checkpoints/ metrics.jsonl
+  tensorboard/ of the RL run, policy/ (the trained policy as a Hugging Face checkpoint), results.json.
+  """
+  workdir = _local_workdir(workdir)
+  rl.check_settings(config)
+  mesh = setup.make_mesh(config)
+  tokenizer, train_source, eval_records, check = _data(config)
+  vocab = config.vocab_size or tokenizer.vocab_size
+  with jax.set_mesh(mesh):
+    policy = _cached_or_fitted(config, config.student, "student", workdir / "student_init",
+                               steps=config.student.warmup_steps,
+                               learning_rate=config.student.warmup_learning_rate, seed=config.seed + 2,
+                               vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
+    setup.check_vocabularies(None, policy, tokenizer)
+    reference = None
+    if config.grpo.kl_coef > 0:  # a second, frozen copy of the starting weights
+      reference = nnx.clone(policy)
+    results = {"policy before": _evaluate(config, policy, tokenizer, eval_records, mesh, check)}
+    policy, meta = rl.grpo_stage(config, workdir, policy=policy, reference=reference, tokenizer=tokenizer,
+                                 source=train_source, mesh=mesh, check=check,
+                                 desc=f"grpo (G={config.grpo.group_size})")
+    hf.save(policy, workdir / "policy")
+    results["policy after"] = _evaluate(config, policy, tokenizer, eval_records, mesh, check)
+  return _write_results(workdir, results, meta, "policy after")
 
 
 def run_pretrain(config, workdir):
   """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
   workdir = _local_workdir(workdir)
   mesh = setup.make_mesh(config)
-  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
-  tokenizer = data.load_tokenizer(config.data.tokenizer)
-  source, eval_records = setup.make_source(config, "train"), setup.make_source(config, config.eval.split)
+  tokenizer, source, eval_records, check = _data(config)
   with jax.set_mesh(mesh):
     model = setup.load_model(config.student, "student", config.vocab_size or tokenizer.vocab_size, mesh,
                              config.seed)
     model = _fit_to_data(config, workdir, model, steps=config.steps,
                          learning_rate=config.optimizer.learning_rate, tokenizer=tokenizer, source=source,
                          mesh=mesh, desc="fit to data")
-    result = _evaluate(config, model, tokenizer, eval_records, mesh, setup.answer_check(config))
+    result = _evaluate(config, model, tokenizer, eval_records, mesh, check)
   if jax.process_index() == 0:
     print("\n" + format_table({"model": result}))
   return result

@@ -68,20 +68,18 @@ def _micro_batches(batch, count):
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, teacher, *, student, objective, optimizer, micro_batches=1,
-               fused=True):
-  """One optimizer update on `batch`, accumulating gradients over `micro_batches` in a scan.
+def apply_gradients(state: TrainState, batch, loss_fn, *, optimizer, micro_batches=1):
+  """One optimizer update of `loss_fn(params, micro_batch) -> (loss, metrics)` on `batch`, accumulating
+  gradients over `micro_batches` in a scan.
 
-  Token means divide by the trained tokens of the WHOLE batch (each micro-batch contributes its share),
-  so the update equals the one of a single big batch.
+  Each micro-batch carries `num_tokens`, the trained tokens (loss_mask[:, 1:]) of the WHOLE batch, so token
+  means computed with it add up over micro-batches to the mean of one big batch, update included.
   """
-  batch = {k: batch[k] for k in STEP_KEYS if k in batch}
   num_tokens = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
-  grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, student=student, objective=objective,
-                                                 fused=fused), has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def accumulate(grads, micro):
-    (_, metrics), g = grad_fn(state.params, dict(micro, num_tokens=num_tokens), teacher)
+    (_, metrics), g = grad_fn(state.params, dict(micro, num_tokens=num_tokens))
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -93,6 +91,15 @@ def train_step(state: TrainState, batch, teacher, *, student, objective, optimiz
   metrics["param_norm"] = optax.tree.norm(params)
   new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=state.rng)
   return new_state, metrics
+
+
+def train_step(state: TrainState, batch, teacher, *, student, objective, optimizer, micro_batches=1,
+               fused=True):
+  """One distillation update of the objective on `batch` (see `apply_gradients`)."""
+  batch = {k: batch[k] for k in STEP_KEYS if k in batch}
+  loss_fn = functools.partial(loss_and_metrics, teacher=teacher, student=student, objective=objective,
+                              fused=fused)
+  return apply_gradients(state, batch, loss_fn, optimizer=optimizer, micro_batches=micro_batches)
 
 
 def build_train_step(*, student, objective, optimizer, micro_batches, state_shardings=None,

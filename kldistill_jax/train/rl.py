@@ -1,0 +1,156 @@
+"""GRPO after distillation: rollouts with a verifiable reward, the policy update, and the resumable stage.
+
+Each step draws `batch_size` prompts, samples `grpo.group_size` (G) completions of each with the policy at
+its current parameters, grades every completion with the task's answer check (reward 1 if correct, else 0),
+turns the rewards into group-normalised advantages (`grpo.group_advantages`) and takes
+`grpo.updates_per_batch` optimizer updates of the clipped loss (`grpo.grpo_loss`) on that batch. The first
+update's importance ratio is 1 (the sampling policy IS the current one); later updates on the same batch
+are where the clipping acts. With `grpo.kl_coef > 0` a frozen copy of the starting policy is the reference
+of the k3 KL term.
+
+The policy's log-probs are those of the distribution the tokens were drawn from: logits / sampling
+temperature (so top-k / top-p truncation is refused, its log-probs would not match the sampler's).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kldistill_jax import objectives, sampling
+from kldistill_jax.train import distributed, flops, grpo, prefixes
+from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
+from kldistill_jax.train.state import Split, split
+from kldistill_jax.train.step import apply_gradients
+from kldistill_jax.models import sharding
+
+POLICY_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
+
+
+def token_logprobs(model, batch, temperature):
+  """[B, L] log-prob of each token under `model` at `temperature`, aligned with the tokens (0 at t = 0)."""
+  mask = batch["attention_mask"]
+  logits, _ = model(batch["tokens"], sampling.prompt_positions(mask), None, mask)
+  targets, _, _, (shifted,) = objectives.align(batch, logits)
+  logp = jax.nn.log_softmax(shifted.astype(jnp.float32) / temperature, axis=-1)
+  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef):
+  """grpo_loss of the policy with `params` on one (micro-)batch, token mean over the whole batch."""
+  lp = token_logprobs(policy.merge(params), batch, temperature)[:, 1:]
+  ref = batch.get("ref_logprobs")
+  loss, metrics = grpo.grpo_loss(lp, batch["old_logprobs"][:, 1:], batch["advantages"], batch["loss_mask"][:, 1:],
+                                 clip_eps=clip_eps, ref_logprobs=None if ref is None else ref[:, 1:],
+                                 kl_coef=kl_coef, num_tokens=batch["num_tokens"])
+  metrics["loss"] = jax.lax.stop_gradient(loss)
+  metrics["num_tokens"] = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+  return loss, metrics
+
+
+def build_policy_step(*, policy, optimizer, micro_batches, settings, state_shardings=None):
+  """jit((state, batch) -> (state, metrics)): one GRPO update; settings: the `grpo` ConfigDict + temperature."""
+  loss_fn = functools.partial(policy_loss, policy=policy, temperature=settings["temperature"],
+                              clip_eps=settings["clip_eps"], kl_coef=settings["kl_coef"])
+
+  def step(state, batch):
+    batch = {k: batch[k] for k in POLICY_KEYS if k in batch}
+    return apply_gradients(state, batch, loss_fn, optimizer=optimizer, micro_batches=micro_batches)
+
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=(0,))
+  # The batch arrives as global arrays already split over the batch axes (rank 1 and 2), as it is.
+  return jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, None),
+                 out_shardings=(state_shardings, None))
+
+
+def repeat_prompts(data_batch, group_size):
+  """Each prompt row G times in a row, so a prompt's G completions are contiguous (as group_advantages
+  expects)."""
+  return {k: jnp.repeat(data_batch[k], group_size, axis=0)
+          for k in ("prompt_tokens", "prompt_mask", "index")}
+
+
+def rewards_of(tokens, completion_mask, index, *, prompt_len, records, tokenizer, check):
+  """float32 [B]: 1.0 where `check(decoded completion, the record's answer)` holds, else 0.0 (host side)."""
+  completions = distributed.to_host(tokens)[:, prompt_len:]
+  masks = distributed.to_host(completion_mask)[:, prompt_len:]
+  rows = distributed.to_host(index)
+  return np.array([float(bool(check(tokenizer.decode(c[m > 0]), records[int(i)]["answer"])))
+                   for c, m, i in zip(completions, masks, rows)], np.float32)
+
+
+def check_settings(config):
+  g = config.grpo
+  if g.group_size < 2:
+    raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group), got {g.group_size}")
+  if g.updates_per_batch < 1:
+    raise ValueError(f"grpo.updates_per_batch must be >= 1, got {g.updates_per_batch}")
+  if not 0.0 < g.clip_eps < 1.0:
+    raise ValueError(f"grpo.clip_eps must be in (0, 1), got {g.clip_eps}")
+  if g.kl_coef < 0:
+    raise ValueError(f"grpo.kl_coef must be >= 0, got {g.kl_coef}")
+  s = config.sampling
+  if s.temperature <= 0:
+    raise ValueError(f"sampling.temperature must be > 0 for GRPO rollouts, got {s.temperature}")
+  if s.top_k or s.top_p < 1.0:
+    raise ValueError(f"GRPO needs untruncated sampling (sampling.top_k=0, sampling.top_p=1.0), got top_k="
+                     f"{s.top_k}, top_p={s.top_p}: the policy's log-probs would not be the sampler's")
+
+
+def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, check, desc="grpo"):
+  """GRPO on `policy` (an nnx Transformer on `mesh`) for config.steps rollout batches; returns
+  (policy, FLOP counters). reference: the frozen starting policy (used when grpo.kl_coef > 0)."""
+  check_settings(config)
+  g, s = config.grpo, config.sampling
+  check_batch_size(config, mesh)
+  rows = config.batch_size * g.group_size
+  model = split(policy)
+  optimizer, state, shardings = initial_state(config, model, mesh,
+                                              total_steps=config.steps * g.updates_per_batch)
+  settings = dict(temperature=float(s.temperature), clip_eps=float(g.clip_eps), kl_coef=float(g.kl_coef))
+  step_fn = build_policy_step(policy=Split(model.graphdef, None, model.rest), optimizer=optimizer,
+                              micro_batches=config.micro_batches, settings=settings,
+                              state_shardings=shardings)
+  iterator = data_iterator(config, source, tokenizer)
+  prompt_len = config.data.prompt_len
+  reference_split = split(reference) if g.kl_coef > 0 else None
+  score_reference = jax.jit(lambda ref, batch: token_logprobs(ref.merge(), batch, settings["temperature"]))
+
+  def one_step(state, step, data_batch, key, meta):
+    del step
+    group = repeat_prompts(data_batch, g.group_size)
+    current = model.merge(state.params)
+    batch, rollout = prefixes.from_sampler(current, group, rng=key, settings=s, tokenizer=tokenizer)
+    rewards = rewards_of(batch["tokens"], batch["loss_mask"], group["index"], prompt_len=prompt_len,
+                         records=source, tokenizer=tokenizer, check=check)
+    advantages = grpo.group_advantages(jnp.asarray(rewards), g.group_size, normalize_std=g.normalize_std)
+    batch = dict(batch, old_logprobs=batch.pop("behavior_logprobs"),
+                 advantages=jax.device_put(advantages, sharding.batch_sharding(mesh, 1)))
+    if g.kl_coef > 0:
+      batch["ref_logprobs"] = score_reference(reference_split, batch)
+    update_metrics = []
+    for _ in range(g.updates_per_batch):
+      state, metrics = step_fn(state, batch)
+      update_metrics.append(metrics)
+    metrics = {k: float(v) for k, v in jax.device_get({**update_metrics[-1], **rollout}).items()}
+    metrics["clip_fraction"] = float(np.mean([float(m["clip_fraction"]) for m in update_metrics]))
+    r_PG = rewards.reshape(-1, g.group_size)
+    metrics.update(reward=float(rewards.mean()), pass_at_group=float(np.mean(r_PG.max(axis=1))),
+                   zero_signal_groups=float(np.mean(np.all(r_PG == r_PG[:, :1], axis=1))))
+    length = batch["tokens"].shape[1]
+    decode_steps = int(round(metrics["max_length"]))
+    meta["student_flops"] += (flops.generation_flops(policy.config, rows, prompt_len, decode_steps)
+                              + g.updates_per_batch * flops.train_flops(policy.config, rows, length))
+    if g.kl_coef > 0:
+      meta["teacher_flops"] += flops.forward_flops(reference.config, rows, length)
+    return state, metrics, False
+
+  state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
+                         meta={"student_flops": 0, "teacher_flops": 0}, one_step=one_step, desc=desc,
+                         postfix=("reward", "response_length", "rollout_entropy"))
+  nnx.update(policy, state.params)
+  return policy, meta
