@@ -124,6 +124,8 @@ def base_config():
   c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
   c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
   c.eval.seed = 0
+  c.eval.probe_every = 0  # > 0: every N distillation steps, log probe_accuracy / probe_entropy / probe_length
+  c.eval.probe_problems = 64  # held-out prompts of that probe, sampled at the training temperature
   # ("name=format:path", ...), format gsm8k | math | aime | amc: when non-empty, the held-out evaluation is
   # these JSONL files (each its own group in results.json by_group) instead of the data source's eval split
   c.eval.benchmarks = ()

@@ -123,10 +123,11 @@ def data_iterator(config, source, tokenizer, *, trajectory_cache=None):
 def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, postfix=("loss",)):
   """The resumable loop every stage shares: restore, step, stop on NaN, log, checkpoint.
 
-  one_step(state, step, data_batch, key, meta) -> (state, metrics, decided) runs step `step` (0-based) on
+  one_step(state, step, data_batch, key, meta) -> (state, metrics, events) runs step `step` (0-based) on
   the global data batch (its "index": int32 record indices) with key fold_in(seed key, step); it may update the `meta` dict (FLOP counters,
-  curriculum state), which is checkpointed with the state. `decided` forces a metrics line and a checkpoint
-  (e.g. a curriculum decision). Metrics "loss" and "grad_norm" must be finite.
+  curriculum state), which is checkpointed with the state. `events` may ask for an off-interval metrics line
+  ("log": e.g. a held-out probe) and checkpoint ("checkpoint": e.g. a curriculum decision, which logs too).
+  Metrics "loss" and "grad_norm" must be finite.
   Returns (state, meta) after config.steps steps.
   """
   workdir = pathlib.Path(workdir)
@@ -148,7 +149,7 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
       if "index" in batch_np:
         batch_np["index"] = batch_np["index"].astype(np.int32)  # record indices; JAX runs without x64
       data_batch = distributed.global_batch(batch_np, mesh)
-      state, metrics, decided = one_step(state, step, data_batch, jax.random.fold_in(base_key, step), meta)
+      state, metrics, events = one_step(state, step, data_batch, jax.random.fold_in(base_key, step), meta)
       bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
       if bad:
         writer.write(step + 1, metrics)
@@ -159,9 +160,10 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
       elapsed = time.perf_counter() - began
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
                      **{k: float(v) for k, v in meta.items() if k.endswith("_flops")})
-      if (step + 1) % config.log_every == 0 or step + 1 == config.steps or step == 0 or decided:
+      last = step + 1 == config.steps
+      if (step + 1) % config.log_every == 0 or last or step == 0 or events & {"log", "checkpoint"}:
         writer.write(step + 1, metrics)
-      if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or decided:
+      if (step + 1) % config.checkpoint_every == 0 or last or "checkpoint" in events:
         checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
       if bar is not None:
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in postfix if k in metrics}, refresh=False)
@@ -175,7 +177,8 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
 
 
 def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train",
-                trajectory_cache=None, cache_flops=0, curriculum_config=None, measure_entropy=None):
+                trajectory_cache=None, cache_flops=0, curriculum_config=None, measure_entropy=None,
+                probe=None):
   """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns (student, FLOP counters).
 
   config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
@@ -185,6 +188,9 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   curriculum_config: a `curriculum.CurriculumConfig`: the sampled training length follows the
   entropy-gated curriculum, `measure_entropy(model, length) -> float` measuring H at each stage end; its
   state is checkpointed with the run.
+  probe: `probe(model) -> evaluation dict` run every config.eval.probe_every steps (0 = never); its
+  accuracy, entropy and mean_length are logged as probe_accuracy / probe_entropy / probe_length, so the
+  student's own behaviour on held-out prompts can be plotted over training whatever the prefix source.
   """
   check_batch_size(config, mesh)
   model = split(student)
@@ -213,6 +219,13 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
                                               model.merge(state.params), desc)
       meta["curriculum"] = stage_state.to_dict()
       metrics.update(decided, training_length=float(length))
+    events = {"checkpoint"} if decided else set()
+    every = config.eval.probe_every
+    if probe is not None and every and (step + 1) % every == 0:
+      result = probe(model.merge(state.params))
+      metrics.update(probe_accuracy=result["accuracy"], probe_entropy=result["entropy"],
+                     probe_length=result["mean_length"])
+      events.add("log")
     decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
     s_flops, t_flops = _step_flops(
         student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
@@ -221,7 +234,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
         prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
     meta["student_flops"] += s_flops
     meta["teacher_flops"] += t_flops
-    return state, metrics, bool(decided)
+    return state, metrics, events
 
   state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
                          meta={"student_flops": 0, "teacher_flops": cache_flops}, one_step=one_step,

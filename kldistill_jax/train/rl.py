@@ -147,7 +147,7 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
                               + g.updates_per_batch * flops.train_flops(policy.config, rows, length))
     if g.kl_coef > 0:
       meta["teacher_flops"] += flops.forward_flops(reference.config, rows, length)
-    return state, metrics, False
+    return state, metrics, set()
 
   state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
                          meta={"student_flops": 0, "teacher_flops": 0}, one_step=one_step, desc=desc,

@@ -71,16 +71,16 @@ def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
                              mesh=mesh, **settings)
 
 
-def _entropy_probe(config, tokenizer, records, mesh, check):
-  """model, length -> the mean per-token entropy of the model's own samples (training temperature) on the
-  first curriculum.eval_problems held-out prompts: the curriculum's H."""
-  probe = [records[i] for i in range(min(config.curriculum.eval_problems, len(records)))]
+def _probe(config, tokenizer, records, mesh, check, problems):
+  """(model, length) -> evaluation of the model's own samples (training temperature and truncation) on the
+  first `problems` held-out prompts: the curriculum's H and the probe curves over training."""
+  subset = [records[i] for i in range(min(problems, len(records)))]
   s = config.sampling
 
   def measure(model, length):
-    return _evaluate(config, model, tokenizer, probe, mesh, check, max_new_tokens=length,
+    return _evaluate(config, model, tokenizer, subset, mesh, check, max_new_tokens=length,
                      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, samples_per_prompt=1,
-                     pass_k=(1,))["entropy"]
+                     pass_k=(1,))
   return measure
 
 
@@ -147,12 +147,15 @@ def run_distill(config, workdir):
     if config.teacher_cache.enabled:
       cache = workdir / "trajectories"
       cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
+    curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems)
+    probe = _probe(config, tokenizer, eval_records, mesh, check, config.eval.probe_problems)
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
                                 trajectory_cache=cache, cache_flops=cache_flops,
                                 curriculum_config=curriculum_config,
-                                measure_entropy=_entropy_probe(config, tokenizer, eval_records, mesh, check))
+                                measure_entropy=lambda model, length: curriculum_probe(model, length)["entropy"],
+                                probe=lambda model: probe(model, config.eval.max_new_tokens))
     hf.save(student, workdir / "student")
     results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
   return _write_results(workdir, results, meta, "student after")
