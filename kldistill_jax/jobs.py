@@ -6,7 +6,7 @@ import jax
 from absl import logging
 
 from kldistill_jax import identities
-from kldistill_jax.train import distributed, runner
+from kldistill_jax.train import distributed, runner, study
 
 
 def run_identities(config, workdir=None):
@@ -23,7 +23,7 @@ def run_identities(config, workdir=None):
 
 
 JOBS = {"identities": run_identities, "distill": runner.run_distill, "grpo": runner.run_grpo,
-        "pretrain": runner.run_pretrain}
+        "pretrain": runner.run_pretrain, "study": study.run_study}
 
 
 def run(config, workdir=None):
