@@ -352,7 +352,7 @@ def findings(study) -> list:
   return out
 
 
-def _verdict(finding):
+def verdict(finding):
   return {True: "agrees", False: "DISAGREES", None: "within noise"}[finding.agrees]
 
 
@@ -371,7 +371,7 @@ def write_report(workdir) -> pathlib.Path:
            "not tuned away. Accuracy gaps within two binomial standard errors (over problems x samples) "
            "count as within noise; entropy comparisons are taken as measured.", ""]
   for f in findings(study):
-    lines += [f"- **{_verdict(f)}**: {f.claim}.  ", f"  Measured: {f.measured}."]
+    lines += [f"- **{verdict(f)}**: {f.claim}.  ", f"  Measured: {f.measured}."]
   lines += ["", "## Plots", ""]
   titles = {"accuracy_vs_entropy": "Accuracy vs entropy", "training_curves":
             "Entropy and length over training (top: steps; bottom: FLOPs)", "grpo": "Before and after GRPO",
