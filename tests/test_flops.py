@@ -7,6 +7,7 @@ from flax import nnx
 
 from kldistill_jax.models.config import qwen3
 from kldistill_jax.models.transformer import Transformer
+from kldistill_jax.train import flops
 from kldistill_jax.train.flops import forward_flops, generation_flops, train_flops
 
 TINY = qwen3(hidden_size=8, num_layers=1, num_heads=2, head_dim=4, num_kv_heads=1, intermediate_size=16,
@@ -58,3 +59,13 @@ WIDE = qwen3(hidden_size=256, num_layers=2, num_heads=4, head_dim=64, num_kv_hea
 def test_agrees_with_xla(cache_len):
   ours = forward_flops(WIDE, 2, 64, context_len=cache_len)
   assert 1.0 <= _xla_flops(WIDE, 2, 64, cache_len) / ours < 1.02
+
+
+def test_phase_counters_add_up_to_the_sides():
+  counts = flops.counters(teacher_generation=5)
+  flops.accumulate(counts, student_generation=7, student_train=11, teacher_scoring=13)
+  flops.accumulate(counts, student_train=2)
+  assert counts == {"student_generation_flops": 7, "student_train_flops": 13, "teacher_generation_flops": 5,
+                    "teacher_scoring_flops": 13, "student_flops": 20, "teacher_flops": 18}
+  with pytest.raises(ValueError, match=r"unknown FLOP phase\(s\) \['teacher'\]"):
+    flops.counters(teacher=1)

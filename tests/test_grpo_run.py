@@ -100,10 +100,11 @@ def test_grpo_job_logs_rl_metrics_and_exports_the_policy(tmp_path):
   config = _grpo_config()
   cfg = hf.read_config(tmp_path / "policy")
   rows, length = 8 * 4, config.data.prompt_len + config.sampling.max_new_tokens
-  expected_student = sum(flops.generation_flops(cfg, rows, config.data.prompt_len, int(m["max_length"]))
-                         + 2 * flops.train_flops(cfg, rows, length) for m in metrics)
-  assert summary["flops"] == {"student_flops": expected_student,
-                              "teacher_flops": 2 * flops.forward_flops(cfg, rows, length)}  # the reference
+  generation = sum(flops.generation_flops(cfg, rows, config.data.prompt_len, int(m["max_length"])) for m in metrics)
+  assert summary["flops"] == flops.counters(  # 2 steps x 2 updates; the reference's scoring is the teacher's
+      student_generation=generation, student_train=2 * 2 * flops.train_flops(cfg, rows, length),
+      teacher_scoring=2 * flops.forward_flops(cfg, rows, length))
+  assert metrics[-1]["student_generation_flops"] == generation
   assert (tmp_path / "policy" / "config.json").is_file()
   assert json.loads((tmp_path / "results.json").read_text())["flops"] == summary["flops"]
 

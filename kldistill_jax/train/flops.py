@@ -46,3 +46,26 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, new_token
   filled_slots = new_tokens * prompt_len + new_tokens * (new_tokens + 1) // 2  # sum over i of P + i + 1
   decode = batch * (new_tokens * _dense_per_token(config) + _attention_per_query_key(config) * filled_slots)
   return forward_flops(config, batch, prompt_len) + decode
+
+
+PHASES = ("student_generation", "student_train", "teacher_generation", "teacher_scoring")
+
+
+def counters(**initial) -> dict:
+  """Per-phase FLOP counters of a run, plus the student / teacher totals: {"<phase>_flops": int, ...,
+  "student_flops", "teacher_flops"}. Phases: the student's sampling (on-policy prefixes, GRPO rollouts),
+  its forward + backward, the teacher's sampling (teacher prefixes, the trajectory cache) and its scoring
+  forward (GRPO's frozen reference counts as the teacher here)."""
+  unknown = set(initial) - set(PHASES)
+  if unknown:
+    raise ValueError(f"unknown FLOP phase(s) {sorted(unknown)}; phases: {PHASES}")
+  return accumulate({}, **initial)
+
+
+def accumulate(counts: dict, **phase_flops) -> dict:
+  """Adds FLOPs to the named phases of `counts` (in place) and restates the two totals; returns counts."""
+  for phase in PHASES:
+    counts[f"{phase}_flops"] = counts.get(f"{phase}_flops", 0) + int(phase_flops.get(phase, 0))
+  for side in ("student", "teacher"):
+    counts[f"{side}_flops"] = sum(counts[f"{p}_flops"] for p in PHASES if p.startswith(side))
+  return counts

@@ -42,14 +42,14 @@ def _progress(total, initial, desc):
 
 def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
                 decode_steps):
-  """(student, teacher) matmul FLOPs of one step: generation, teacher scoring, student forward+backward."""
-  student = flops.train_flops(student_cfg, batch_size, length)
-  teacher = flops.forward_flops(teacher_cfg, batch_size, length) if teacher_scores else 0
-  if generator == "student":
-    student += flops.generation_flops(student_cfg, batch_size, prompt_len, decode_steps)
-  elif generator == "teacher":
-    teacher += flops.generation_flops(teacher_cfg, batch_size, prompt_len, decode_steps)
-  return student, teacher
+  """Matmul FLOPs of one step per phase (see `flops.PHASES`)."""
+  phases = {"student_train": flops.train_flops(student_cfg, batch_size, length)}
+  if teacher_scores:
+    phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, length)
+  if generator is not None:
+    cfg = student_cfg if generator == "student" else teacher_cfg
+    phases[f"{generator}_generation"] = flops.generation_flops(cfg, batch_size, prompt_len, decode_steps)
+  return phases
 
 
 def _training_batch(data_batch, *, cached, objective, teacher, student, rng, config, tokenizer, length):
@@ -124,8 +124,9 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
   """The resumable loop every stage shares: restore, step, stop on NaN, log, checkpoint.
 
   one_step(state, step, data_batch, key, meta) -> (state, metrics, events) runs step `step` (0-based) on
-  the global data batch (its "index": int32 record indices) with key fold_in(seed key, step); it may update the `meta` dict (FLOP counters,
-  curriculum state), which is checkpointed with the state. `events` may ask for an off-interval metrics line
+  the global data batch (its "index": int32 record indices) with key fold_in(seed key, step); it may update
+  the `meta` dict (per-phase FLOP counters in meta["flops"], logged on every line; the curriculum state),
+  which is checkpointed with the state. `events` may ask for an off-interval metrics line
   ("log": e.g. a held-out probe) and checkpoint ("checkpoint": e.g. a curriculum decision, which logs too).
   Metrics "loss" and "grad_norm" must be finite.
   Returns (state, meta) after config.steps steps.
@@ -159,7 +160,7 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
             f"{workdir / 'checkpoints'}")
       elapsed = time.perf_counter() - began
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
-                     **{k: float(v) for k, v in meta.items() if k.endswith("_flops")})
+                     **{k: float(v) for k, v in meta.get("flops", {}).items()})
       last = step + 1 == config.steps
       if (step + 1) % config.log_every == 0 or last or step == 0 or events & {"log", "checkpoint"}:
         writer.write(step + 1, metrics)
@@ -184,7 +185,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
   checkpoint_every, keep_checkpoints, log_every). teacher: a Transformer or None (dataset prefixes only).
   trajectory_cache: a built `trajectories` cache directory: teacher prefixes are read from it instead of
-  sampled (its one-off generation cost, `cache_flops`, starts the teacher FLOP counter).
+  sampled (its one-off generation cost, `cache_flops`, starts the teacher-generation FLOP counter).
   curriculum_config: a `curriculum.CurriculumConfig`: the sampled training length follows the
   entropy-gated curriculum, `measure_entropy(model, length) -> float` measuring H at each stage end; its
   state is checkpointed with the run.
@@ -227,17 +228,16 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
                      probe_length=result["mean_length"])
       events.add("log")
     decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
-    s_flops, t_flops = _step_flops(
+    phases = _step_flops(
         student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
         generator=generator, batch_size=config.batch_size,
         teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
         prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
-    meta["student_flops"] += s_flops
-    meta["teacher_flops"] += t_flops
+    flops.accumulate(meta["flops"], **phases)
     return state, metrics, events
 
   state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
-                         meta={"student_flops": 0, "teacher_flops": cache_flops}, one_step=one_step,
+                         meta={"flops": flops.counters(teacher_generation=cache_flops)}, one_step=one_step,
                          desc=desc, postfix=("loss", "response_length"))
   nnx.update(student, state.params)
   return student, meta

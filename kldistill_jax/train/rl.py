@@ -143,14 +143,14 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
                    zero_signal_groups=float(np.mean(np.all(r_PG == r_PG[:, :1], axis=1))))
     length = batch["tokens"].shape[1]
     decode_steps = int(round(metrics["max_length"]))
-    meta["student_flops"] += (flops.generation_flops(policy.config, rows, prompt_len, decode_steps)
-                              + g.updates_per_batch * flops.train_flops(policy.config, rows, length))
-    if g.kl_coef > 0:
-      meta["teacher_flops"] += flops.forward_flops(reference.config, rows, length)
+    flops.accumulate(meta["flops"],
+                     student_generation=flops.generation_flops(policy.config, rows, prompt_len, decode_steps),
+                     student_train=g.updates_per_batch * flops.train_flops(policy.config, rows, length),
+                     teacher_scoring=flops.forward_flops(reference.config, rows, length) if g.kl_coef > 0 else 0)
     return state, metrics, set()
 
   state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,
-                         meta={"student_flops": 0, "teacher_flops": 0}, one_step=one_step, desc=desc,
+                         meta={"flops": flops.counters()}, one_step=one_step, desc=desc,
                          postfix=("reward", "response_length", "rollout_entropy"))
   nnx.update(policy, state.params)
   return policy, meta

@@ -109,13 +109,14 @@ def _data(config):
 def _write_results(workdir, results, meta, examples_of):
   """results.json (metrics without examples, FLOPs, curriculum), the table and examples on stdout."""
   summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
-  summary["flops"] = {k: meta[k] for k in ("student_flops", "teacher_flops")}
+  summary["flops"] = dict(meta["flops"])  # per phase, and the student / teacher totals
   if "curriculum" in meta:
     summary["curriculum"] = meta["curriculum"]
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + format_table(results))
-    print(f"\nstudent FLOPs {meta['student_flops']:.3e}, teacher FLOPs {meta['teacher_flops']:.3e}")
+    print(f"\nstudent FLOPs {meta['flops']['student_flops']:.3e}, "
+          f"teacher FLOPs {meta['flops']['teacher_flops']:.3e}")
     for prompt, text, answer, ok in results[examples_of]["examples"]:
       print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
   logging.info("results in %s", workdir / "results.json")
