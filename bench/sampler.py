@@ -16,9 +16,7 @@ it); both report the median of --repeats calls. Greedy outputs are compared toke
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 import transformers
 
+import timing
 from kldistill_jax import sampling
 from kldistill_jax.models import hf
 
@@ -47,22 +46,13 @@ def make_checkpoint(directory, size, vocab_size, seed, device, dtype):
   return model.to(device=device, dtype=getattr(torch, dtype))
 
 
-def median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def bench_ours(model, prompts, new_tokens, greedy, repeats):
   prompt_tokens, prompt_mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
   run = lambda: jax.block_until_ready(sampling.sample(
       model, prompt_tokens, prompt_mask, rng=jax.random.key(0), max_new_tokens=new_tokens,
       temperature=0.0 if greedy else 1.0, bucket=False))
   out = run()  # compile
-  return median_time(run, repeats), np.asarray(out.tokens[:, prompts.shape[1]:])
+  return timing.median_seconds(run, repeats), np.asarray(out.tokens[:, prompts.shape[1]:])
 
 
 def bench_transformers(model, prompts, new_tokens, greedy, repeats):
@@ -78,7 +68,7 @@ def bench_transformers(model, prompts, new_tokens, greedy, repeats):
       return model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs).cpu()
 
   out = run()  # warm-up, as for ours
-  return median_time(run, repeats), out[:, prompts.shape[1]:].numpy()
+  return timing.median_seconds(run, repeats), out[:, prompts.shape[1]:].numpy()
 
 
 def main():

@@ -18,9 +18,7 @@ forward + backward, teacher forward) against `--peak-tflops` (H100 SXM dense bf1
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ import optax
 import torch
 import transformers
 
+import timing
 from kldistill_jax import objectives
 from kldistill_jax.models import hf
 from kldistill_jax.train import flops
@@ -64,17 +63,6 @@ def make_batch(batch, length, prompt, vocab):
   return {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": loss_mask}
 
 
-def timed(fn, repeats):
-  fn()
-  fn()  # warm-ups (ours: compile; torch: allocator, autotuning)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def bench_ours(student_dir, teacher_dir, batch_np, compute, repeats):
   student = hf.load(student_dir, dtype="float32", compute_dtype=compute)
   teacher = hf.load(teacher_dir, dtype="float32", compute_dtype=compute)
@@ -94,7 +82,7 @@ def bench_ours(student_dir, teacher_dir, batch_np, compute, repeats):
     loss = float(metrics["loss"])  # device -> host: waits for the update
     first_loss.append(loss)
 
-  seconds = timed(run, repeats)
+  seconds = timing.median_seconds(run, repeats, warmups=2)  # ours: compile; torch: allocator
   peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   return seconds, first_loss[0], peak, student.config, teacher.config
 
@@ -122,7 +110,7 @@ def bench_torch(student, teacher, batch_np, compute, repeats, device):
     optimizer.zero_grad(set_to_none=True)
     first_loss.append(loss.item())  # waits for the update
 
-  seconds = timed(run, repeats)
+  seconds = timing.median_seconds(run, repeats, warmups=2)  # ours: compile; torch: allocator
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
   return seconds, first_loss[0], peak
 

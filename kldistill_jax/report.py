@@ -10,6 +10,7 @@ the measured numbers, and whether this study agrees; nothing is tuned or filtere
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -265,50 +266,49 @@ def _cells(study, **labels):
   return [r for r in study.group("cells") if all(r.labels.get(k) == v for k, v in labels.items())]
 
 
+def _pairs(study, key, first, second, *, over):
+  """[(values of the `over` labels, cell with key=first, cell with key=second)] for every combination of the
+  `over` labels where both cells exist: the matched comparisons of one design axis."""
+  cells = study.group("cells")
+  out = []
+  for combo in itertools.product(*[sorted({r.labels[k] for r in cells}) for k in over]):
+    fixed = dict(zip(over, combo))
+    a, b = _cells(study, **fixed, **{key: first}), _cells(study, **fixed, **{key: second})
+    if a and b:
+      out.append((combo, a[0], b[0]))
+  return out
+
+
 def findings(study) -> list:
   """The paper's claims, each as a comparison on this study's numbers."""
   out, n = [], study.samples_per_prompt
-  lengths = sorted({r.labels["length"] for r in study.group("cells")})
 
   # 1. KL direction: reverse (mode-seeking) gives lower entropy than forward, trading off accuracy.
-  pairs = []
-  for prefix in ("teacher", "student"):
-    for length in lengths:
-      fwd, rev = _cells(study, prefix=prefix, kl="forward", length=length), _cells(
-          study, prefix=prefix, kl="reverse", length=length)
-      if fwd and rev:
-        pairs.append((prefix, length, fwd[0], rev[0]))
+  pairs = _pairs(study, "kl", "forward", "reverse", over=("prefix", "length"))
   if pairs:
     measured = "; ".join(f"{p} prefixes L{n}: entropy fwd {_ent(f):.3f} / rev {_ent(r):.3f}, accuracy fwd "
-                         f"{_acc(f):.3f} / rev {_acc(r):.3f}" for p, n, f, r in pairs)
+                         f"{_acc(f):.3f} / rev {_acc(r):.3f}" for (p, n), f, r in pairs)
     out.append(Finding("KL direction trades accuracy against entropy: reverse KL ends with lower entropy than "
                        "forward KL (same prefixes, same length)", measured,
-                       all(_ent(r) < _ent(f) for _, _, f, r in pairs)))
+                       all(_ent(r) < _ent(f) for _, f, r in pairs)))
 
   # 2. Prefix source: on-policy (student) prefixes give better students at matched steps, at another compute.
-  pairs = []
-  for kl in ("forward", "reverse"):
-    for length in lengths:
-      t, s = _cells(study, prefix="teacher", kl=kl, length=length), _cells(study, prefix="student", kl=kl,
-                                                                             length=length)
-      if t and s:
-        pairs.append((kl, length, t[0], s[0]))
+  pairs = _pairs(study, "prefix", "teacher", "student", over=("kl", "length"))
   if pairs:
     measured = "; ".join(f"{kl} KL L{n}: accuracy teacher-prefix {_acc(t):.3f} ({t.flops:.2e} FLOPs) / "
-                         f"student-prefix {_acc(s):.3f} ({s.flops:.2e} FLOPs)" for kl, n, t, s in pairs)
+                         f"student-prefix {_acc(s):.3f} ({s.flops:.2e} FLOPs)" for (kl, n), t, s in pairs)
     out.append(Finding("Prefix source trades quality against compute: student (on-policy) prefixes give higher "
                        "accuracy than teacher prefixes at matched steps", measured,
-                       _all(_better(s.after, t.after, n) for _, _, t, s in pairs)))
+                       _all(_better(s.after, t.after, n) for _, t, s in pairs)))
 
   # 3. Training length: the long length is less stable for reverse KL on-policy (the long-horizon failure).
+  lengths = sorted({r.labels["length"] for r in study.group("cells")})
   if len(lengths) == 2:
     short, long = lengths
-    pairs = [(c, _cells(study, cell=c, length=short), _cells(study, cell=c, length=long))
-             for c in sorted({r.labels["cell"] for r in study.group("cells")})]
-    pairs = [(c, s[0], l[0]) for c, s, l in pairs if s and l]
+    pairs = _pairs(study, "length", short, long, over=("cell",))
     measured = "; ".join(f"{c}: accuracy L{short} {_acc(s):.3f} -> L{long} {_acc(l):.3f}, entropy "
-                         f"{_ent(s):.3f} -> {_ent(l):.3f}" for c, s, l in pairs)
-    rev = [(s, l) for c, s, l in pairs if s.labels["kl"] == "reverse" and s.labels["prefix"] == "student"]
+                         f"{_ent(s):.3f} -> {_ent(l):.3f}" for (c,), s, l in pairs)
+    rev = [(s, l) for _, s, l in pairs if s.labels["kl"] == "reverse" and s.labels["prefix"] == "student"]
     out.append(Finding(f"Training length trades accuracy against stability: on-policy reverse KL at the long "
                        f"length L{long} ends with lower entropy than at L{short} (collapse)", measured,
                        all(_ent(l) < _ent(s) for s, l in rev) if rev else None))
