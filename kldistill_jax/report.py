@@ -106,6 +106,20 @@ def table(study) -> str:
   return "\n".join(lines)
 
 
+def group_table(study) -> str:
+  """Markdown table of Avg@n per held-out group (the built-in task's difficulty = number of terms, or each
+  benchmark file), one line per entry."""
+  groups = sorted({g for r in study.rows for g in r.after.get("by_group", {})}, key=lambda g: (len(g), g))
+  header = ["entry"] + [f"{g} (n={study.rows[0].after['by_group'][g]['num_problems']})" for g in groups]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, result in [("teacher", study.teacher), ("base student", study.base)] + [(r.name, r.after)
+                                                                                    for r in study.rows]:
+    by_group = result.get("by_group", {})
+    lines.append("| " + " | ".join([name] + [f"{by_group[g]['accuracy']:.3f}" if g in by_group else "-"
+                                             for g in groups]) + " |")
+  return "\n".join(lines)
+
+
 # --- plots: each draws on the given Axes --------------------------------------------------------------
 
 _GROUP_MARKERS = {"cells": "o", "mixing": "s", "curriculum": "^", "grpo": "*"}
@@ -236,15 +250,14 @@ def _acc(r):
   return r.after["accuracy"]
 
 
-def _samples(result, n):
-  return max(int(result.get("num_problems", 0)) * n, 1)
-
-
-def _better(a, b, n):
-  """True/False when accuracy a is above/below b by more than two standard errors of the difference
-  (binomial over problems x samples), None when the gap is within that noise."""
+def _better(a, b):
+  """True/False when accuracy a is above/below b by more than two standard errors of the difference, None
+  when the gap is within that noise. Accuracy is a mean over problems of each problem's Avg@n, whose variance
+  is at most p(1-p) per problem (a problem's n samples are correlated, so they are not counted as n draws):
+  se = sqrt(pa(1-pa)/problems_a + pb(1-pb)/problems_b), a conservative bound."""
   pa, pb = a["accuracy"], b["accuracy"]
-  se = math.sqrt(pa * (1 - pa) / _samples(a, n) + pb * (1 - pb) / _samples(b, n))
+  problems_a, problems_b = max(a.get("num_problems", 1), 1), max(b.get("num_problems", 1), 1)
+  se = math.sqrt(pa * (1 - pa) / problems_a + pb * (1 - pb) / problems_b)
   if abs(pa - pb) <= 2 * se:
     return None
   return pa > pb
@@ -281,7 +294,7 @@ def _pairs(study, key, first, second, *, over):
 
 def findings(study) -> list:
   """The paper's claims, each as a comparison on this study's numbers."""
-  out, n = [], study.samples_per_prompt
+  out = []
 
   # 1. KL direction: reverse (mode-seeking) gives lower entropy than forward, trading off accuracy.
   pairs = _pairs(study, "kl", "forward", "reverse", over=("prefix", "length"))
@@ -299,7 +312,7 @@ def findings(study) -> list:
                          f"student-prefix {_acc(s):.3f} ({s.flops:.2e} FLOPs)" for (kl, n), t, s in pairs)
     out.append(Finding("Prefix source trades quality against compute: student (on-policy) prefixes give higher "
                        "accuracy than teacher prefixes at matched steps", measured,
-                       _all(_better(s.after, t.after, n) for _, t, s in pairs)))
+                       _all(_better(s.after, t.after) for _, t, s in pairs)))
 
   # 3. Training length: the long length is less stable for reverse KL on-policy (the long-horizon failure).
   lengths = sorted({r.labels["length"] for r in study.group("cells")})
@@ -321,7 +334,7 @@ def findings(study) -> list:
     measured = ", ".join(f"lam={r.labels['lam']:g}: {_acc(r):.3f} (entropy {_ent(r):.3f})" for r in mixing)
     agrees = None
     if pure_reverse:
-      beats = _better(best.after, pure_reverse[0].after, n)
+      beats = _better(best.after, pure_reverse[0].after)
       agrees = None if beats is None else (best.labels["lam"] < 0.5 and beats)
     out.append(Finding("Forward-heavy KL mixing (reverse weight lam < 0.5) is best at the long length and beats "
                        "pure reverse KL", f"{measured}; best lam={best.labels['lam']:g}", agrees))
@@ -335,7 +348,7 @@ def findings(study) -> list:
     path = " -> ".join(f"{m['training_length']:g}" for m in decisions)
     out.append(Finding("The entropy-gated length curriculum beats training at the fixed long length",
                        f"fixed: accuracy {_acc(f):.3f}, entropy {_ent(f):.3f}; curriculum: accuracy {_acc(g):.3f}, "
-                       f"entropy {_ent(g):.3f} (stage lengths {path})", _better(g.after, f.after, n)))
+                       f"entropy {_ent(g):.3f} (stage lengths {path})", _better(g.after, f.after)))
 
   # 6. The best standalone objective is not the best initialisation for RL.
   grpo = study.group("grpo")
@@ -345,8 +358,8 @@ def findings(study) -> list:
     measured = "; ".join(f"from {r.labels['init']}: {r.before['accuracy']:.3f} -> {_acc(r):.3f}" for r in grpo)
     flips = best_before.name != best_after.name
     # a flip or a kept order only counts when both rankings are outside the noise
-    clear = (_better(best_before.before, [r for r in grpo if r is not best_before][0].before, n) is not None
-             and (best_before is best_after or _better(best_after.after, best_before.after, n) is not None))
+    clear = (_better(best_before.before, [r for r in grpo if r is not best_before][0].before) is not None
+             and (best_before is best_after or _better(best_after.after, best_before.after) is not None))
     out.append(Finding("The best distilled student is not the best initialisation for GRPO (the ranking flips)",
                        measured, flips if clear else None))
   return out
@@ -366,10 +379,14 @@ def write_report(workdir) -> pathlib.Path:
            "unbiased estimator; entropy is the mean per-token entropy of the model along its own held-out "
            "samples; FLOPs count matmuls (`train/flops.py`).", "",
            "## Results", "", table(study), "",
+           "## Accuracy by held-out group", "",
+           "Avg@n per difficulty (the built-in task: number of terms) or per benchmark file.", "",
+           group_table(study), "",
            "## Findings against the paper", "",
            "Each claim is tested as the stated comparison on the numbers above; a disagreement is reported, "
-           "not tuned away. Accuracy gaps within two binomial standard errors (over problems x samples) "
-           "count as within noise; entropy comparisons are taken as measured.", ""]
+           "not tuned away. Accuracy gaps within two standard errors count as within noise (the bound "
+           "sqrt(p(1-p)/problems) per run: a problem's samples are correlated); entropy comparisons are taken "
+           "as measured.", ""]
   for f in findings(study):
     lines += [f"- **{verdict(f)}**: {f.claim}.  ", f"  Measured: {f.measured}."]
   lines += ["", "## Plots", ""]

@@ -97,7 +97,7 @@ def test_tiny_study_end_to_end(tmp_path):
   config = config_files.load("study", "smoke")
   assert study.run_study(config, tmp_path)
   text = (tmp_path / "report.md").read_text()
-  for section in ("## Results", "## Findings against the paper", "## Plots", "### Accuracy vs entropy",
+  for section in ("## Results", "## Accuracy by held-out group", "## Findings against the paper", "## Plots", "### Accuracy vs entropy",
                   "### Entropy and length over training", "### Before and after GRPO", "### Accuracy vs FLOPs"):
     assert section in text, section
   for name in report.PLOTS:
@@ -105,7 +105,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert f"](plots/{name}.png)" in text
   entries, runs = study.plan(config)
-  table = text.split("## Results")[1].split("## Findings")[0]
+  table = text.split("## Results")[1].split("## Accuracy by held-out group")[0]
+  groups = text.split("## Accuracy by held-out group")[1].split("## Findings")[0]
+  assert "| 2 (n=8) |" in groups  # the smoke study's one difficulty, 8 problems
   assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2 + len(entries)  # header, teacher, base
   assert text.count("- **") == 6  # every finding has the runs it needs
   # the table's numbers are the runs' own results.json
