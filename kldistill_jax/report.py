@@ -125,16 +125,26 @@ def group_table(study) -> str:
 _GROUP_MARKERS = {"cells": "o", "mixing": "s", "curriculum": "^", "grpo": "*"}
 
 
-def plot_accuracy_vs_entropy(study, ax):
+def _by_run(study):
+  """[(first row, label)]: one point per run; entries that share a run share its point and label."""
+  names, first = {}, {}
   for r in study.rows:
+    names.setdefault(r.run, []).append(r.name)
+    first.setdefault(r.run, r)
+  return [(first[run], " = ".join(labels)) for run, labels in names.items()]
+
+
+def plot_accuracy_vs_entropy(study, ax):
+  for r, label in _by_run(study):
     ax.scatter(r.after["entropy"], r.after["accuracy"], marker=_GROUP_MARKERS[r.group], s=60)
-    ax.annotate(r.name, (r.after["entropy"], r.after["accuracy"]), fontsize=6, xytext=(3, 3),
+    ax.annotate(label, (r.after["entropy"], r.after["accuracy"]), fontsize=6, xytext=(3, 3),
                 textcoords="offset points")
   for name, result in (("teacher", study.teacher), ("base", study.base)):
     ax.scatter(result["entropy"], result["accuracy"], marker="x", color="black", s=60)
     ax.annotate(name, (result["entropy"], result["accuracy"]), fontsize=7, xytext=(3, -9),
                 textcoords="offset points")
-  ax.set_xlabel("mean per-token entropy (nats), held-out samples")
+  ax.set_xscale("log")  # the base model sits an order of magnitude above the distilled students
+  ax.set_xlabel("mean per-token entropy (nats, log scale), held-out samples")
   ax.set_ylabel("accuracy (Avg@n)")
   ax.set_title("accuracy vs entropy")
 
@@ -196,9 +206,9 @@ def plot_grpo(study, axes):
 
 
 def plot_accuracy_vs_flops(study, ax):
-  for r in study.rows:
+  for r, label in _by_run(study):
     ax.scatter(r.total_flops, r.after["accuracy"], marker=_GROUP_MARKERS[r.group], s=60)
-    ax.annotate(r.name, (r.total_flops, r.after["accuracy"]), fontsize=6, xytext=(3, 3),
+    ax.annotate(label, (r.total_flops, r.after["accuracy"]), fontsize=6, xytext=(3, 3),
                 textcoords="offset points")
   ax.set_xscale("log")
   ax.set_xlabel("FLOPs from the base model (student + teacher; GRPO includes its distillation)")
