@@ -36,7 +36,7 @@ def defaults() -> ml_collections.ConfigDict:
   s.grpo_from = ("dagger", "opd")  # GRPO starts from these cells' students at the long length
   s.grpo_steps = 200
   s.grpo_batch_size = 16  # prompts per GRPO step (x grpo.group_size completions)
-  s.grpo_learning_rate = 3e-4  # picked by training reward from dagger_L36 among 1e-4, 3e-4, 1e-3 (README)
+  s.grpo_learning_rate = 3e-4  # chosen once from dagger_L36 among 1e-4, 3e-4, 1e-3 (README, "The study")
   return s
 
 
