@@ -235,3 +235,20 @@ def test_random_model_evaluated_per_benchmark(tmp_path):
   assert results["num_problems"] == 8
   accuracy = sum(g["accuracy"] * g["num_problems"] for g in groups.values()) / 8
   assert accuracy == pytest.approx(results["accuracy"])
+
+
+def test_distill_run_evaluates_on_benchmark_files(tmp_path):
+  """The runner's held-out evaluation IS the benchmark files when eval.benchmarks is set: one group per file,
+  graded by answer extraction (the shipped teacher answers the built-in format '3+5=8#8')."""
+  from kldistill_jax.train import runner  # pylint: disable=g-import-not-at-top
+  from test_bad_input import tiny_config  # pylint: disable=g-import-not-at-top
+  pairs = [(3, 5), (1, 1), (9, 2), (4, 4), (7, 6), (2, 8), (5, 5), (6, 1)]
+  gsm8k = write_jsonl(tmp_path / "sums.jsonl", [{"question": f"{a}+{b}=", "answer": f"{a}+{b}=#### {a + b}"}
+                                                for a, b in pairs])
+  amc = write_jsonl(tmp_path / "amc.jsonl", [{"problem": f"{a}+{b}=", "answer": float(a + b)} for a, b in pairs[:3]])
+  config = tiny_config(**{"eval.benchmarks": (f"sums=gsm8k:{gsm8k}", f"amc=amc:{amc}"), "steps": 1})
+  summary = runner.run_distill(config, tmp_path / "run")
+  teacher = summary["teacher"]["by_group"]
+  assert {name: g["num_problems"] for name, g in teacher.items()} == {"sums": 8, "amc": 3}
+  assert teacher["sums"]["accuracy"] >= 0.75 and teacher["amc"]["accuracy"] >= 2 / 3
+  assert set(summary["student after"]["by_group"]) == {"sums", "amc"}
