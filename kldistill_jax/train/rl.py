@@ -52,7 +52,7 @@ def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef):
 
 
 def build_policy_step(*, policy, optimizer, micro_batches, settings, state_shardings=None):
-  """jit((state, batch) -> (state, metrics)): one GRPO update; settings: the `grpo` ConfigDict + temperature."""
+  """jit((state, batch) -> (state, metrics)): one GRPO update; settings: dict(temperature, clip_eps, kl_coef)."""
   loss_fn = functools.partial(policy_loss, policy=policy, temperature=settings["temperature"],
                               clip_eps=settings["clip_eps"], kl_coef=settings["kl_coef"])
 
@@ -137,6 +137,7 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
       state, metrics = step_fn(state, batch)
       update_metrics.append(metrics)
     metrics = {k: float(v) for k, v in jax.device_get({**update_metrics[-1], **rollout}).items()}
+    # the last update's metrics, except the clip fraction: the mean over the batch's updates (the first is 0)
     metrics["clip_fraction"] = float(np.mean([float(m["clip_fraction"]) for m in update_metrics]))
     r_PG = rewards.reshape(-1, g.group_size)
     metrics.update(reward=float(rewards.mean()), pass_at_group=float(np.mean(r_PG.max(axis=1))),
