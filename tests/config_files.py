@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+from kldistill_jax.train import presets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -19,11 +21,4 @@ def module(path):
 
 def load(name, arg=None, **overrides):
   """configs/<name>.py's get_config(arg) with {"a.b": value} overrides applied."""
-  config = module(name).get_config(arg)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    section = config
-    for parent in parents:
-      section = section[parent]
-    section[leaf] = value
-  return config
+  return presets.with_overrides(module(name).get_config(arg), overrides.items())

@@ -8,7 +8,7 @@ import pytest
 import config_files
 from kldistill_jax import data
 from kldistill_jax.models import hf
-from kldistill_jax.train import flops, runner, setup
+from kldistill_jax.train import flops, presets, runner, setup
 
 CELLS = ("sft", "dagger", "offline_rl", "opd", "kl_mix")
 METRICS = ("loss", "forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "response_length",
@@ -101,3 +101,14 @@ def test_url_workdir_is_refused_before_compute(workdir):
   """metrics.jsonl is appended line by line, which object stores cannot do: mount the bucket instead."""
   with pytest.raises(ValueError, match=r"--workdir=.*://bucket/run.*mount"):
     runner.run_distill(_config("opd"), workdir)
+
+
+def test_with_overrides_copies_and_refuses_unknown_fields():
+  base = config_files.load("quickstart")
+  changed = presets.with_overrides(base, (("objective.kl", "mixed"), ("objective.lam", 0.25)))
+  assert (changed.objective.kl, changed.objective.lam) == ("mixed", 0.25)
+  assert (base.objective.kl, base.objective.lam) == ("reverse", None)  # the original is untouched
+  with pytest.raises(KeyError, match=r"no config field 'objective\.lamda'"):
+    presets.with_overrides(base, (("objective.lamda", 0.25),))
+  with pytest.raises(TypeError):  # the placeholder stays typed
+    presets.with_overrides(base, (("objective.lam", "a quarter"),))

@@ -3,6 +3,7 @@
     c = base_config(); presets.arithmetic(c); presets.objective(c, "opd"); presets.smoke(c)
 """
 
+import copy
 import pathlib
 
 from kldistill_jax import objectives
@@ -66,4 +67,19 @@ def apply_arg(c, arg, presets):
   if arg not in presets:
     raise ValueError(f"unknown preset {arg!r}; known: {', '.join(sorted(presets))}")
   presets[arg](c)
+  return c
+
+
+def with_overrides(config, overrides):
+  """A copy of `config` with (dotted field, value) pairs set, e.g. (("objective.kl", "mixed"), ...); the
+  fields must exist (a mistyped name is an error, as on the command line)."""
+  c = copy.deepcopy(config)  # keeps typed placeholders typed (copy_and_resolve_references would not)
+  for dotted, value in overrides:
+    *parents, leaf = dotted.split(".")
+    section = c
+    for parent in parents:
+      section = section[parent]
+    if leaf not in section:
+      raise KeyError(f"no config field {dotted!r}")
+    section[leaf] = value
   return c

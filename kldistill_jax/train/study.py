@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 
 from kldistill_jax import objectives
-from kldistill_jax.train import runner
+from kldistill_jax.train import presets, runner
 
 GROUPS = ("cells", "mixing", "curriculum", "grpo")
 
@@ -142,18 +142,6 @@ def plan(config):
   return entries, runs
 
 
-def _with(config, overrides):
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    for dotted, value in overrides:
-      *parents, leaf = dotted.split(".")
-      section = c
-      for parent in parents:
-        section = section[parent]
-      section[leaf] = value
-  return c
-
-
 def _strip_examples(result):
   return {k: v for k, v in result.items() if k != "examples"}
 
@@ -166,8 +154,8 @@ def run_study(config, workdir):
   runs_dir = workdir / "runs"
   base_dir = runs_dir / "base"
   if not (base_dir / "results.json").is_file():  # the shared base: student (path or inline) fitted to data
-    base = _with(config, (("job", "pretrain"), ("steps", config.student.warmup_steps),
-                          ("optimizer.learning_rate", config.student.warmup_learning_rate)))
+    base = presets.with_overrides(config, (("job", "pretrain"), ("steps", config.student.warmup_steps),
+                                           ("optimizer.learning_rate", config.student.warmup_learning_rate)))
     result = runner.run_pretrain(base, base_dir)
     (base_dir / "results.json").write_text(json.dumps({"base": _strip_examples(result)}, indent=2) + "\n")
   common = (("student.path", str(base_dir / "model")), ("student.warmup_steps", 0))
@@ -180,9 +168,9 @@ def run_study(config, workdir):
     if run.job == "grpo":
       overrides = (("job", "grpo"), ("student.path", str(runs_dir / run.init_from / "student")),
                    ("student.warmup_steps", 0)) + run.overrides
-      runner.run_grpo(_with(config, overrides), directory)
+      runner.run_grpo(presets.with_overrides(config, overrides), directory)
     else:
-      runner.run_distill(_with(config, common + run.overrides), directory)
+      runner.run_distill(presets.with_overrides(config, common + run.overrides), directory)
   study_file = workdir / "study.json"
   study_file.write_text(json.dumps({"entries": [dataclasses.asdict(e) for e in entries],
                                     "runs": {n: dataclasses.asdict(r) for n, r in runs.items()},
