@@ -5,8 +5,10 @@
                        samples_per_prompt=8, pass_k=(1, 4, 8))
     pass_at_k(n=[10, 10], c=[0, 3], k=4)  -> [0., 0.8333]   (unbiased: 1 - C(n-c, k) / C(n, k))
 
-Every process samples its share of the prompts; the completions are gathered so every process returns
-the same numbers. Prompts padded onto the last batch are excluded (`valid`), never double counted.
+A completion that did not end with EOS within the budget counts as wrong (truncated_is_wrong=False: as
+`check` says); the truncation rate is reported either way. Every process samples its share of the
+prompts; the completions are gathered so every process returns the same numbers. Prompts padded onto the
+last batch are excluded (`valid`), never double counted.
 """
 
 import collections
@@ -88,8 +90,12 @@ def summarise(correct, lengths, entropy_sums, finished, pass_k):
 
 
 def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_tokens, temperature,
-             batch_size, rng, mesh, top_k=0, top_p=1.0, samples_per_prompt=1, pass_k=(1,)):
+             batch_size, rng, mesh, top_k=0, top_p=1.0, samples_per_prompt=1, pass_k=(1,),
+             truncated_is_wrong=True):
   """Samples `samples_per_prompt` (n) completions per record, scores each with `check(text, answer)`.
+
+  truncated_is_wrong: a completion without EOS within max_new_tokens counts as wrong (`check` is not asked):
+  the last number of a cut-off text is no answer. False: `check` alone decides.
 
   Returns dict(accuracy (= avg_at_n, the mean over all n samples), pass_at_{k} for each k in pass_k
   (unbiased estimator, k <= n), mean_length (tokens, EOS included), entropy (mean per-token entropy of
@@ -109,6 +115,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
                               process_count=jax.process_count())
   correct, lengths = np.zeros((num, n), bool), np.zeros((num, n), np.int64)
   entropy_sums, finished, examples = np.zeros((num, n)), np.zeros((num, n), bool), []
+  decode_steps = []  # per sampler call: its decode loop's iterations (for FLOP counts)
   for i, local in enumerate(batches):
     batch = distributed.global_batch(local, mesh)
     out = sampling.sample(model, batch["prompt_tokens"], batch["prompt_mask"],
@@ -117,6 +124,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
                           pad_id=tokenizer.pad_id)
     completions = distributed.to_host(out.tokens)[:, prompt_len:]
     mask = distributed.to_host(out.completion_mask)[:, prompt_len:]
+    decode_steps.append(int(mask.sum(axis=1).max()))  # the longest completion, padding rows included
     entropy = distributed.to_host(out.entropy)[:, prompt_len:]
     done = distributed.to_host(out.finished)
     index, valid = distributed.to_host(batch["index"]), distributed.to_host(batch["valid"]).astype(bool)
@@ -124,7 +132,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
       problem, sample = divmod(int(index[row]), n)
       record = records[problem]
       text = tokenizer.decode(completions[row][mask[row] > 0])
-      ok = bool(check(text, record["answer"]))
+      ok = (bool(done[row]) or not truncated_is_wrong) and bool(check(text, record["answer"]))
       correct[problem, sample] = ok
       lengths[problem, sample] = int(mask[row].sum())
       entropy_sums[problem, sample] = float(entropy[row][mask[row] > 0].sum())
@@ -141,4 +149,5 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
   results["by_group"] = {name: summarise(*(a[rows] for a in arrays), pass_k)
                          for name, rows in sorted(groups.items())}
   results["examples"] = examples
+  results["decode_steps"] = decode_steps
   return results

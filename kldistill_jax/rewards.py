@@ -3,27 +3,35 @@ built-in task's '#N').
 
     rewards.is_correct("... so she has #### 1,000", "1000")     -> True
     rewards.is_correct("The answer is \\boxed{\\dfrac{1}{2}}.", "0.5")  -> True
-    rewards.grade(text, answer)  -> "correct" | "wrong" | "no_answer" | "timeout"
+    rewards.grade(text, answer, finished=True)  -> "correct" | "wrong" | "truncated" | "no_answer" | "timeout"
+    rewards.grade("6*7 = 42, but wait", "42", finished=False)  -> "truncated" (no EOS within the budget)
 
 Extraction tries, in order: the last \\boxed{...}, the text after the last '####', the built-in task's
 '#N', the last number. Equivalence: exact match of the normalised strings, else equal exact rationals
 (integers, decimals, a/b, \\frac{a}{b}), else math-verify (symbolic) in a worker process with a bounded
 time per answer. The worker is a separate process because math-verify's own timeouts use signals
-(main thread only) and a stuck sympy call cannot be interrupted in a thread, only killed in a process.
-Everything here is safe to call from several threads at once.
+(main thread only) and a stuck sympy call cannot be interrupted in a thread, only killed in a process; it
+is a fresh interpreter (`_verify_worker.py`), so a script without a main guard can grade too.
+A completion that did not finish (no EOS within its budget) is graded 'truncated', never correct: its last
+number is wherever the budget cut the text. Everything here is safe to call from several threads at once.
 """
 
 import atexit
 import fractions
+import json
 import logging
-import multiprocessing
+import pathlib
+import queue
 import re
+import subprocess
+import sys
 import threading
 
 from kldistill_jax.data import arithmetic, sources
 
 VERIFY_TIMEOUT_S = 5.0  # per answer, for the symbolic check only
-_STARTUP_TIMEOUT_S = 120.0  # spawning the worker imports sympy: slow, and not the answer's fault
+_STARTUP_TIMEOUT_S = 120.0  # starting the worker imports sympy: slow, and not the answer's fault
+_WORKER = str(pathlib.Path(__file__).with_name("_verify_worker.py"))
 
 _LOG = logging.getLogger(__name__)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
@@ -84,74 +92,89 @@ def as_number(answer: str) -> fractions.Fraction | None:
   return None
 
 
-def _serve(conn):
-  """Worker process: answers (gold, predicted) requests with math-verify's verdict until the pipe closes."""
-  import math_verify  # pylint: disable=g-import-not-at-top  (only the worker pays for sympy)
-  logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" notice, per call
-  conn.send("ready")
-  while True:
-    try:
-      gold, predicted = conn.recv()
-    except EOFError:
-      return
-    try:  # timeouts off: they need signals; the parent bounds the time by killing this process
-      parsed_gold = math_verify.parse(f"${gold}$", parsing_timeout=None)
-      parsed_predicted = math_verify.parse(f"${predicted}$", parsing_timeout=None)
-      verdict = bool(math_verify.verify(parsed_gold, parsed_predicted, timeout_seconds=None))
-    except Exception:  # pylint: disable=broad-except  (unparseable answers are wrong, not fatal)
-      verdict = False
-    conn.send(verdict)
-
-
 class _Verifier:
-  """One math-verify worker process shared by all threads (a lock serialises requests)."""
+  """One math-verify worker process (`_verify_worker.py`) shared by all threads (a lock serialises requests).
+
+  The worker is a fresh interpreter started with subprocess, not a multiprocessing child: "spawn" and
+  "forkserver" re-import the caller's `__main__`, which crashes a script without a main guard, and "fork"
+  copies a parent that runs JAX's threads. A reader thread moves its replies into a queue, so waiting for
+  one is bounded (portably, pipes included).
+  """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._process = None
-    self._conn = None
+    self._replies = None
 
   def _start(self):
-    parent, child = multiprocessing.get_context("spawn").Pipe()
-    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
-    process.start()
-    child.close()
-    if not parent.poll(_STARTUP_TIMEOUT_S):
+    process = subprocess.Popen([sys.executable, "-P", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, encoding="ascii")
+    replies = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, replies), daemon=True).start()
+    try:
+      ready = replies.get(timeout=_STARTUP_TIMEOUT_S)
+    except queue.Empty:
+      ready = None
+    if ready != "ready":
       process.kill()
-      raise RuntimeError("the math-verify worker did not start")
-    parent.recv()
-    self._process, self._conn = process, parent
+      process.wait()
+      raise RuntimeError(f"the math-verify worker did not start (exit code {process.poll()}; its stderr is "
+                         "above): is math-verify installed in this interpreter?")
+    self._process, self._replies = process, replies
 
   def _stop(self):
     if self._process is not None:
       self._process.kill()
-      self._process.join()
-      self._conn.close()
-    self._process = self._conn = None
+      self._process.wait()
+      self._process.stdin.close()
+      self._process.stdout.close()
+    self._process = self._replies = None
 
   def verify(self, gold: str, predicted: str, timeout: float) -> bool | None:
     """math-verify's verdict, or None when it takes longer than `timeout` seconds (worker restarted)."""
     with self._lock:
-      if self._process is None or not self._process.is_alive():
+      if self._process is None or self._process.poll() is not None:
         self._stop()
         self._start()
-      self._conn.send((gold, predicted))
-      if self._conn.poll(timeout):
-        return self._conn.recv()
-      self._stop()  # a stuck sympy call: only killing the process ends it
-      return None
+      try:
+        self._process.stdin.write(json.dumps([gold, predicted]) + "\n")
+        self._process.stdin.flush()
+        reply = self._replies.get(timeout=timeout)
+      except (BrokenPipeError, queue.Empty):
+        reply = None
+      if reply is None:  # stuck in sympy (only killing the process ends it), or the worker died
+        self._stop()
+        return None
+      return json.loads(reply)
 
   def close(self):
     with self._lock:
       self._stop()
 
 
+def _read_lines(stream, lines):
+  """Reader thread: each line of `stream` (newline stripped) into `lines`, then None at end of file."""
+  try:
+    for line in stream:
+      lines.put(line.rstrip("\n"))
+  except (OSError, ValueError):  # the pipe was closed under us by _stop
+    pass
+  lines.put(None)
+
+
 _VERIFIER = _Verifier()
 atexit.register(_VERIFIER.close)
 
 
-def grade(text: str, answer: str, *, timeout: float = VERIFY_TIMEOUT_S) -> str:
-  """'correct', 'wrong', 'no_answer' (nothing extracted) or 'timeout' (the symbolic check ran too long)."""
+def grade(text: str, answer: str, *, finished: bool = True, timeout: float = VERIFY_TIMEOUT_S) -> str:
+  """'correct', 'wrong', 'truncated' (not `finished`), 'no_answer' (nothing extracted) or 'timeout' (the
+  symbolic check ran too long).
+
+  finished: whether the completion ended with EOS within its token budget. A cut-off text is never correct,
+  whatever it ends with: the last number of "6*7 = 42, but wait, I should double-check the" is not an answer.
+  """
+  if not finished:
+    return "truncated"
   extracted = extract_answer(text)
   if extracted is None:
     return "no_answer"
@@ -163,15 +186,15 @@ def grade(text: str, answer: str, *, timeout: float = VERIFY_TIMEOUT_S) -> str:
     return "correct" if predicted_value == gold_value else "wrong"
   verdict = _VERIFIER.verify(gold, predicted, timeout)
   if verdict is None:
-    _LOG.warning("math-verify timed out after %.1f s (counted wrong): answer %r vs reference %r",
-                    timeout, predicted[:200], gold[:200])
+    _LOG.warning("math-verify timed out after %.1f s or its worker died (counted wrong): answer %r vs "
+                 "reference %r", timeout, predicted[:200], gold[:200])
     return "timeout"
   return "correct" if verdict else "wrong"
 
 
-def is_correct(text: str, answer: str, *, timeout: float = VERIFY_TIMEOUT_S) -> bool:
-  """Whether the final answer in `text` equals `answer` (a timeout counts as wrong)."""
-  return grade(text, answer, timeout=timeout) == "correct"
+def is_correct(text: str, answer: str, *, finished: bool = True, timeout: float = VERIFY_TIMEOUT_S) -> bool:
+  """Whether the final answer in `text` equals `answer` (a timeout, or a truncated text, counts as wrong)."""
+  return grade(text, answer, finished=finished, timeout=timeout) == "correct"
 
 
 def close():

@@ -76,11 +76,11 @@ class Recorder:
     return ok
 
 
-def run(setup, check, **kwargs):
+def run(setup, check, max_new_tokens=36, **kwargs):
   teacher, records, mesh = setup
   return evaluation.evaluate(teacher, records, data.CharTokenizer(), check=check, template="raw",
-                             prompt_len=12, max_new_tokens=36, batch_size=16, rng=jax.random.key(0),
-                             mesh=mesh, **kwargs)
+                             prompt_len=12, max_new_tokens=max_new_tokens, batch_size=16,
+                             rng=jax.random.key(0), mesh=mesh, **kwargs)
 
 
 def test_n_samples_per_prompt(setup):
@@ -120,3 +120,20 @@ def test_one_sample_per_prompt_keeps_the_old_results(setup):
   assert {name: g["num_problems"] for name, g in by_benchmark.items()} == {"a": 5, "b": 7}  # over difficulty
   with pytest.raises(ValueError, match="pass_k"):
     run(setup, data.is_correct, temperature=0.0, samples_per_prompt=2, pass_k=(4,))
+
+
+def test_truncated_completions_count_as_wrong_and_are_still_reported(setup):
+  """A budget too short for some answers: with a check that accepts any text, exactly the rows that finished
+  are correct (issue 11); truncated_is_wrong=False gives the check the last word."""
+  asked = []
+
+  def accepts_anything(text, answer):
+    asked.append(text)
+    return True
+
+  r = run(setup, accepts_anything, temperature=0.0, max_new_tokens=16)
+  assert 0 < r["truncation_rate"] < 1  # some rows cut off, some finished
+  assert r["accuracy"] == pytest.approx(1 - r["truncation_rate"])
+  assert len(asked) == round(12 * (1 - r["truncation_rate"]))  # a truncated row is not even checked
+  lenient = run(setup, accepts_anything, temperature=0.0, max_new_tokens=16, truncated_is_wrong=False)
+  assert lenient["accuracy"] == 1.0 and lenient["truncation_rate"] == r["truncation_rate"]

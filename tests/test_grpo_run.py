@@ -82,6 +82,11 @@ def test_rewards_grade_each_completion_against_its_own_record():
                           tokenizer=tokenizer, check=data.is_correct)
   expected = [1.0, 0.0, 1.0, float(task[3]["answer"] == task[2]["answer"])]
   np.testing.assert_array_equal(rewards, expected)
+  # the same completions cut off before their EOS (issue 11): reward 0 although the answers are in the text
+  cut = mask.astype(np.int32) * (tokens != tokenizer.eos_id)
+  args = dict(prompt_len=prompt_len, records=task, tokenizer=tokenizer, check=data.is_correct)
+  np.testing.assert_array_equal(rl.rewards_of(tokens, cut, index, **args), [0.0] * 4)
+  np.testing.assert_array_equal(rl.rewards_of(tokens, cut, index, truncated_is_wrong=False, **args), expected)
 
 
 def _grpo_config(**overrides):

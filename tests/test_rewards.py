@@ -1,6 +1,12 @@
-"""Answer extraction and verification on tricky answers; thread safety; the time bound per answer."""
+"""Answer extraction and verification on tricky answers; truncated texts; thread safety; the time bound
+per answer; grading from a plain script (the worker does not re-import the caller's __main__)."""
 
 import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -75,6 +81,33 @@ def test_grade_says_why():
   assert rewards.grade("nothing here", "3") == "no_answer"
   assert rewards.grade("#### 3", "3") == "correct"
   assert rewards.grade("#### 4", "3") == "wrong"
+
+
+def test_a_truncated_completion_is_never_correct():
+  cut = "<think>Let me compute. 6*7 = 42, but wait, I should double-check the"  # issue 11: no EOS
+  assert rewards.grade(cut, "42") == "correct"  # the text alone cannot tell: its last number is 42
+  assert rewards.grade(cut, "42", finished=False) == "truncated"
+  assert not rewards.is_correct(cut, "42", finished=False)
+  assert not rewards.is_correct("\\boxed{42}", "42", finished=False)  # even a complete-looking answer
+  assert rewards.is_correct("\\boxed{42}", "42", finished=True)
+
+
+def test_grade_from_a_script_without_main_guard(tmp_path):
+  """The symbolic check's worker must not re-run the caller's script (multiprocessing "spawn" did, and
+  crashed in its bootstrap)."""
+  assert rewards.as_number(rewards.normalise("\\sqrt{4}")) is None  # so the case below reaches math-verify
+  script = tmp_path / "plain.py"
+  script.write_text(textwrap.dedent("""\
+      from kldistill_jax import rewards
+      print("RAN")  # printed once per run of this file: twice if the worker re-ran it
+      print(rewards.grade("\\\\boxed{\\\\sqrt{4}}", "2"), rewards.grade("\\\\boxed{\\\\sqrt{5}}", "2"))
+  """))
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split() == ["RAN", "correct", "wrong"], run.stdout + run.stderr[-3000:]
 
 
 def test_same_verdicts_from_four_threads():

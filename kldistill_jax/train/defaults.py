@@ -67,6 +67,7 @@ def base_config():
   c.grpo.clip_eps = 0.2  # importance-ratio clipping range [1 - eps, 1 + eps]
   c.grpo.kl_coef = 0.0  # weight of the k3 KL to the frozen starting policy (0 = no reference)
   c.grpo.normalize_std = True  # advantages (r - mean) / std per group; False = mean baseline only (Dr. GRPO)
+  c.grpo.truncated_is_wrong = True  # reward 0 for a rollout without EOS within sampling.max_new_tokens (False: check)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4
@@ -123,6 +124,7 @@ def base_config():
   c.eval.temperature = 0.0  # 0 = greedy
   c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
   c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
+  c.eval.truncated_is_wrong = True  # no EOS within max_new_tokens counts as wrong; False: the check decides
   c.eval.seed = 0
   c.eval.probe_every = 0  # > 0: every N distillation steps, log probe_accuracy / probe_entropy / probe_length
   c.eval.probe_problems = 64  # held-out prompts of that probe, sampled at the training temperature

@@ -1,7 +1,8 @@
 """GRPO after distillation: rollouts with a verifiable reward, the policy update, and the resumable stage.
 
 Each step draws `batch_size` prompts, samples `grpo.group_size` (G) completions of each with the policy at
-its current parameters, grades every completion with the task's answer check (reward 1 if correct, else 0),
+its current parameters, grades every completion with the task's answer check (reward 1 if correct, else 0;
+a completion cut off by the budget gets 0 unless `grpo.truncated_is_wrong=False`),
 turns the rewards into group-normalised advantages (`grpo.group_advantages`) and takes
 `grpo.updates_per_batch` optimizer updates of the clipped loss (`grpo.grpo_loss`) on that batch. The first
 update's importance ratio is 1 (the sampling policy IS the current one); later updates on the same batch
@@ -74,12 +75,19 @@ def repeat_prompts(data_batch, group_size):
           for k in ("prompt_tokens", "prompt_mask", "index")}
 
 
-def rewards_of(tokens, completion_mask, index, *, prompt_len, records, tokenizer, check):
-  """float32 [B]: 1.0 where `check(decoded completion, the record's answer)` holds, else 0.0 (host side)."""
+def rewards_of(tokens, completion_mask, index, *, prompt_len, records, tokenizer, check,
+               truncated_is_wrong=True):
+  """float32 [B]: 1.0 where `check(decoded completion, the record's answer)` holds, else 0.0 (host side).
+
+  truncated_is_wrong: a completion with no EOS (one of tokenizer.eos_ids) under its mask, i.e. cut off by
+  the budget, gets 0 without asking `check` (the last number of a cut-off text is no answer).
+  """
   completions = distributed.to_host(tokens)[:, prompt_len:]
-  masks = distributed.to_host(completion_mask)[:, prompt_len:]
+  masks = distributed.to_host(completion_mask)[:, prompt_len:] > 0
   rows = distributed.to_host(index)
-  return np.array([float(bool(check(tokenizer.decode(c[m > 0]), records[int(i)]["answer"])))
+  eos = np.asarray(tokenizer.eos_ids)
+  return np.array([float((not truncated_is_wrong or bool(np.isin(c[m], eos).any()))
+                         and bool(check(tokenizer.decode(c[m]), records[int(i)]["answer"])))
                    for c, m, i in zip(completions, masks, rows)], np.float32)
 
 
@@ -126,7 +134,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
     current = model.merge(state.params)
     batch, rollout = prefixes.from_sampler(current, group, rng=key, settings=s, tokenizer=tokenizer)
     rewards = rewards_of(batch["tokens"], batch["loss_mask"], group["index"], prompt_len=prompt_len,
-                         records=source, tokenizer=tokenizer, check=check)
+                         records=source, tokenizer=tokenizer, check=check,
+                         truncated_is_wrong=g.truncated_is_wrong)
     advantages = grpo.group_advantages(jnp.asarray(rewards), g.group_size, normalize_std=g.normalize_std)
     batch = dict(batch, old_logprobs=batch.pop("behavior_logprobs"),
                  advantages=jax.device_put(advantages, sharding.batch_sharding(mesh, 1)))

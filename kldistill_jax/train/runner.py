@@ -63,7 +63,8 @@ def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
   """evaluation.evaluate with the config's eval settings (`overrides` replace them)."""
   e = config.eval
   settings = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                  samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k))
+                  samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k),
+                  truncated_is_wrong=e.truncated_is_wrong)
   settings.update(overrides)
   return evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
                              prompt_len=config.data.prompt_len,
