@@ -115,6 +115,13 @@ class ArithmeticTask:
   def __len__(self) -> int:
     return self.num_examples
 
+  def longest(self) -> dict:
+    """A record at least as long as any of this task's, prompt and response (in characters): all nines at
+    the largest difficulty (every sum then has the most digits). Not necessarily of this split."""
+    terms = [9] * max(self.difficulties)
+    return dict(prompt=problem_prompt(terms), response=format_solution(terms), answer=str(sum(terms)),
+                difficulty=len(terms))
+
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self.num_examples:
       raise IndexError(f"index {index} out of range for {self.num_examples} examples")

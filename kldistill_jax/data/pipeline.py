@@ -7,7 +7,9 @@ A training batch (b = the per-process batch size, P = data.prompt_len, R = data.
   response_mask    int32 [b, R]  1 on response tokens and the EOS
   index            int64 [b]     position of the record in the source (to look up its answer)
 Left-padded prompts followed by right-padded responses keep every row contiguous, as `objectives` needs.
-Nothing is ever truncated: a record that does not fit raises ValueError naming the config field.
+Nothing is ever truncated: a record that does not fit raises ValueError naming the config field. Encoding is
+lazy (at the step that reaches the record): run `validate.check_lengths` on the source first, as the runner
+does, to fail (or skip) before any compute.
 
 Multi-process: the record stream (shuffled per epoch, repeated) is cut into global batches of
 b * process_count rows; process i gets rows [i * b, (i + 1) * b) of each one. Concatenating the

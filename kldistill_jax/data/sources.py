@@ -2,7 +2,8 @@
 records; benchmark files named by "name=format:path" specs.
 
 A record is dict(prompt=str, response=str (the reference solution), answer=str). Sources are random
-access (`len`, `[i]`), which is what `grain.MapDataset.source` needs.
+access (`len`, `[i]`), which is what `grain.MapDataset.source` needs. Records read from files come as
+`Records`: a list that also knows each record's "path:line", so errors about a record name its line.
 """
 
 import decimal
@@ -98,7 +99,21 @@ _PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record,
             "amc": lambda row: _competition_record(row, integer_answer=False)}
 
 
-def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-builtin
+class Records(list):
+  """Record dicts (a plain list: equal to one, random access for grain) plus `origins`: where each record
+  came from, as "path:line" (1-based). Built whole, never appended to."""
+
+  def __init__(self, records=(), origins=()):
+    super().__init__(records)
+    self.origins = list(origins)
+    if len(self.origins) != len(self):
+      raise ValueError(f"{len(self)} records but {len(self.origins)} origins")
+
+  def origin(self, index: int) -> str:
+    return self.origins[index]
+
+
+def read_jsonl(path, format: str) -> Records:  # pylint: disable=redefined-builtin
   """Records of a JSONL file in the GSM8K (`question`, `answer` ending '#### N'), MATH (`problem`,
   `solution`, optional `answer`, else the last \\boxed{}), AIME or AMC layout.
 
@@ -120,7 +135,7 @@ def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-bu
     lines.pop()
   if not lines:
     raise ValueError(f"{path}: no records")
-  records = []
+  records, origins = [], []
   for number, line in enumerate(lines, start=1):
     try:
       if not line.strip():
@@ -131,7 +146,8 @@ def read_jsonl(path, format: str) -> list[dict]:  # pylint: disable=redefined-bu
       records.append(_PARSERS[format](row))
     except ValueError as e:  # json.JSONDecodeError is a ValueError
       raise ValueError(f"{path}:{number}: {format} record: {e}") from e
-  return records
+    origins.append(f"{path}:{number}")
+  return Records(records, origins)
 
 
 def read_benchmark(spec: str) -> list[dict]:
@@ -148,7 +164,8 @@ def read_benchmark(spec: str) -> list[dict]:
     raise ValueError(f"benchmark spec {spec!r} has an empty name: expected {expected}")
   if fmt not in FORMATS:
     raise ValueError(f"benchmark spec {spec!r}: unknown format {fmt!r}: expected {expected}")
-  return [dict(record, benchmark=name) for record in read_jsonl(path, fmt)]
+  records = read_jsonl(path, fmt)
+  return Records([dict(record, benchmark=name) for record in records], records.origins)
 
 
 class TfdsSource:
@@ -166,6 +183,9 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._source)
 
+  def origin(self, index: int) -> str:
+    return f"{self.description}, record {index}"
+
   def __getitem__(self, index: int) -> dict:
     row = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in self._source[index].items()}
     prompt_key, response_key, answer_key = self._keys
@@ -174,7 +194,7 @@ class TfdsSource:
       record = dict(prompt=_field(row, prompt_key), response=response)
       record["answer"] = _field(row, answer_key) if answer_key else _reference_answer(response)
     except ValueError as e:
-      raise ValueError(f"{self.description}, record {index}: {e}") from e
+      raise ValueError(f"{self.origin(index)}: {e}") from e
     return record
 
 

@@ -1,6 +1,7 @@
 """Tokenizers with one small interface: the built-in character tokenizer and local Hugging Face ones.
 
 Both expose `vocab_size`, `pad_id`, `eos_id`, `eos_ids`, `name`, `encode(text) -> list[int]`,
+`encode_batch(texts) -> list[list[int]]` (the same ids; one call for many texts),
 `decode(ids) -> str` (stops at the first EOS, drops padding) and `apply_chat_template(messages) -> str`.
 `name` identifies the vocabulary, so a teacher and a student can be checked to share one.
 """
@@ -37,6 +38,9 @@ class CharTokenizer:
                          f"{self.name} alphabet {CHAR_ALPHABET!r}")
       ids.append(self._ids[char])
     return ids
+
+  def encode_batch(self, texts) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
 
   def decode(self, ids) -> str:
     chars = []
@@ -89,6 +93,10 @@ class HFTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+  def encode_batch(self, texts) -> list[list[int]]:
+    # One call: a fast tokenizer encodes the batch in Rust, in parallel.
+    return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
   def decode(self, ids) -> str:
     kept = []

@@ -103,6 +103,7 @@ def base_config():
   c.data.template = "raw"  # raw | plain | chat
   c.data.prompt_len = 16  # prompt tokens (left-padded; longer prompts are an error, never truncated)
   c.data.response_len = 48  # reference response tokens incl. EOS (dataset prefixes, fitting)
+  c.data.too_long = "error"  # records over prompt_len/response_len, checked before training: error | skip
   c.data.seed = 0  # shuffling (and the built-in task's problems)
   c.data.num_train = 100_000  # built-in task: training problems
   c.data.difficulties = (2, 3, 4, 5)  # built-in task: numbers of terms in training problems

@@ -104,7 +104,9 @@ def _data(config):
   setup.check_tokenizers(config)
   from kldistill_jax import data  # pylint: disable=g-import-not-at-top
   tokenizer = data.load_tokenizer(config.data.tokenizer)
-  return tokenizer, setup.make_source(config, "train"), setup.eval_records(config), setup.answer_check(config)
+  # Every record is length-checked here, before any model is built (data.too_long).
+  return (tokenizer, setup.make_source(config, "train", tokenizer), setup.eval_records(config, tokenizer),
+          setup.answer_check(config))
 
 
 def _write_results(workdir, results, meta, examples_of):

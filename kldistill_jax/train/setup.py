@@ -71,8 +71,25 @@ def make_curriculum(config, objective):
   return curriculum.CurriculumConfig(lengths=tuple(c.lengths), stage_steps=c.stage_steps, h_min=c.h_min)
 
 
-def make_source(config, split):
-  """Records of `split` ("train" or the held-out config.eval.split) from config.data.source."""
+def _check_lengths(config, source, tokenizer, *, held_out):
+  """`source` checked against data.prompt_len (and, for training records, data.response_len) before any
+  compute; records that do not fit raise or are dropped per data.too_long (see `data.validate`)."""
+  d = config.data
+  return data.check_lengths(source, tokenizer, template=d.template, prompt_len=d.prompt_len,
+                            response_len=None if held_out else d.response_len, too_long=d.too_long,
+                            what="held-out records" if held_out else "training records")
+
+
+def make_source(config, split, tokenizer=None):
+  """Records of `split` ("train" or the held-out config.eval.split) from config.data.source; with
+  `tokenizer`, length-checked (`data.check_lengths`: training lengths for "train", prompts otherwise)."""
+  source = _read_source(config, split)
+  if tokenizer is None:
+    return source
+  return _check_lengths(config, source, tokenizer, held_out=split != "train")
+
+
+def _read_source(config, split):
   d = config.data
   if d.source == "arithmetic":
     train = split == "train"
@@ -90,12 +107,17 @@ def make_source(config, split):
   raise ValueError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
 
 
-def eval_records(config):
+def eval_records(config, tokenizer=None):
   """The held-out records: the config.eval.benchmarks files (each record tagged with its benchmark name),
-  else make_source(config, config.eval.split)."""
+  else the config.eval.split of config.data.source; with `tokenizer`, their prompts are length-checked."""
+  records = _read_eval_records(config)
+  return records if tokenizer is None else _check_lengths(config, records, tokenizer, held_out=True)
+
+
+def _read_eval_records(config):
   if not config.eval.benchmarks:
-    return make_source(config, config.eval.split)
-  records, names = [], set()
+    return _read_source(config, config.eval.split)
+  records, origins, names = [], [], set()
   for spec in config.eval.benchmarks:
     try:
       benchmark = data.read_benchmark(spec)
@@ -106,7 +128,8 @@ def eval_records(config):
       raise ValueError(f"eval.benchmarks names {name!r} twice: each benchmark is its own group in results")
     names.add(name)
     records += benchmark
-  return records
+    origins += benchmark.origins
+  return data.Records(records, origins)
 
 
 def answer_check(config):
