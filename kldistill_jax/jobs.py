@@ -5,8 +5,8 @@ import sys
 import jax
 from absl import logging
 
-from kldistill_jax import identities
-from kldistill_jax.train import distributed, runner, study
+from kldistill_jax import errors, identities
+from kldistill_jax.train import distributed, preemption, runner, study
 
 
 def run_identities(config, workdir=None):
@@ -33,5 +33,25 @@ def run(config, workdir=None):
     distributed.initialize(config)  # before any other JAX call
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
-  if not JOBS[config.job](config, workdir):
-    sys.exit(1)
+  with preemption.handling():  # SIGTERM / Ctrl-C: finish the step, save, stop (errors.Preempted)
+    if not JOBS[config.job](config, workdir):
+      sys.exit(1)
+
+
+def exit_code(config, workdir=None, *, traceback=False) -> int:
+  """`run`, as the command line reports it: 0 on success, 1 when a job reports failure, 2 after a user
+  error (one line on stderr, `error: ...`; `traceback=True` re-raises it with its traceback), 128 + the
+  signal number after a clean stop on SIGTERM / Ctrl-C. Bugs keep their traceback."""
+  try:
+    run(config, workdir)
+  except errors.Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return 128 + e.signum
+  except errors.UserError as e:
+    if traceback:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else 1
+  return 0

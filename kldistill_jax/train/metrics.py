@@ -35,11 +35,23 @@ def read_metrics(workdir) -> list[dict]:
   return [_parse(line) for line in _complete_lines(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
 def _drop_after(path: pathlib.Path, step: int):
-  """Rewrites `path` without records past `step`; atomic, so a kill now leaves the old or the new file."""
-  keep = [line for line in _complete_lines(path) if json.loads(line)["step"] <= step]
+  """Rewrites `path` without records past `step`, appending those to metrics.superseded.jsonl (a resumed
+  run redoes those steps, but nothing written is lost). Atomic, so a kill now leaves the old or the new
+  file; the file keeps its permissions."""
+  lines = _complete_lines(path)
+  keep = [line for line in lines if json.loads(line)["step"] <= step]
+  dropped = [line for line in lines if json.loads(line)["step"] > step]
+  if not dropped:
+    return
+  with open(path.parent / SUPERSEDED, "a") as f:
+    f.writelines(dropped)
   with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as f:
     f.writelines(keep)
+  os.chmod(f.name, path.stat().st_mode & 0o7777)  # NamedTemporaryFile makes 0600 files
   os.replace(f.name, path)
 
 
@@ -47,7 +59,8 @@ class MetricsWriter:
   """Writes scalar metrics of process 0; on other processes every method does nothing.
 
   resume_step: the restored checkpoint's step. Records after it (written by a run that died before its
-  next checkpoint) are dropped, here and in TensorBoard, so every step appears once.
+  next checkpoint) are moved to metrics.superseded.jsonl and hidden in TensorBoard, so every step appears
+  once in metrics.jsonl.
   """
 
   def __init__(self, workdir, *, process_index: int = 0, resume_step: int | None = None):
