@@ -54,6 +54,8 @@ class Study:
 
 
 def _flops(results):
+  """Training compute of a run: its `eval_flops` (evaluations, probes, the curriculum's entropy checks) is
+  left out, as the report's text says."""
   return float(results["flops"]["student_flops"] + results["flops"]["teacher_flops"])
 
 
@@ -387,7 +389,10 @@ def write_report(workdir) -> pathlib.Path:
   lines = ["# Distillation study", "",
            f"Study workdir: `{workdir}`. Accuracy is Avg@n over n samples per held-out problem; Pass@k uses the "
            "unbiased estimator; entropy is the mean per-token entropy of the model along its own held-out "
-           "samples; FLOPs count matmuls (`train/flops.py`).", "",
+           "samples; FLOPs count the matmuls the run's compiled programs compute (`train/flops.py`): training "
+           "compute, student + teacher (sampling, training, scoring); held-out evaluation, probes and "
+           "curriculum entropy checks (`eval_flops` in results.json) are left out, so comparisons at matched "
+           "FLOPs do not depend on how often a run was measured.", "",
            "## Results", "", table(study), "",
            "## Accuracy by held-out group", "",
            "Avg@n per difficulty (the built-in task: number of terms) or per benchmark file.", "",

@@ -63,6 +63,9 @@ def test_smoke_run_writes_results_and_metrics(runs, name):
     assert key in rows[-1], key
   assert rows[-1]["teacher_flops"] > 0 and rows[-1]["student_flops"] > 0
   assert results["flops"]["teacher_flops"] == rows[-1]["teacher_flops"]
+  # eval: the probes' (logged with the training metrics), then the three evaluations'
+  evaluations = sum(results[row]["flops"] for row in ("teacher", "student before", "student after"))
+  assert evaluations > 0 and results["flops"]["eval_flops"] == rows[-1]["eval_flops"] + evaluations
 
 
 @pytest.mark.parametrize("on_policy, off_policy", [("opd", "offline_rl"), ("dagger", "sft")])
@@ -74,7 +77,8 @@ def test_student_prefixes_count_generation_flops(runs, on_policy, off_policy):
   # The differences are exactly each sampler's generation FLOPs, step by step (decode steps = max length).
   config = runs[on_policy][0]
   generation = lambda name, model: sum(
-      flops.generation_flops(model, config.batch_size, config.data.prompt_len, int(row["max_length"]))
+      flops.generation_flops(model, config.batch_size, config.data.prompt_len, config.sampling.max_new_tokens,
+                             decode_steps=int(row["max_length"]))
       for row in runs[name][2])
   student, teacher = hf.read_config(config.student.path), hf.read_config(config.teacher.path)
   assert on["student_flops"] - off["student_flops"] == generation(on_policy, student)

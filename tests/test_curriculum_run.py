@@ -27,6 +27,8 @@ def test_always_stable_walks_every_length(tmp_path):
   assert [m["curriculum_entropy"] for m in metrics[:3]] == [d["entropy"] for d in history]
   assert all(d["entropy"] > 0 for d in history)
   assert "curriculum_entropy" not in metrics[3]  # no stage ends after the last one
+  evals = [m["eval_flops"] for m in metrics]  # each measurement's sampling counts in the eval phase
+  assert 0 < evals[0] < evals[1] < evals[2] == evals[3]
 
 
 def test_collapsed_entropy_holds_the_first_length_and_survives_resume(tmp_path):

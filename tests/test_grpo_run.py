@@ -105,10 +105,20 @@ def test_grpo_job_logs_rl_metrics_and_exports_the_policy(tmp_path):
   config = _grpo_config()
   cfg = hf.read_config(tmp_path / "policy")
   rows, length = 8 * 4, config.data.prompt_len + config.sampling.max_new_tokens
-  generation = sum(flops.generation_flops(cfg, rows, config.data.prompt_len, int(m["max_length"])) for m in metrics)
+  generation = sum(flops.generation_flops(cfg, rows, config.data.prompt_len, config.sampling.max_new_tokens,
+                                          decode_steps=int(m["max_length"])) for m in metrics)
+  # The evaluations before and after GRPO: sampler calls of eval.batch_size rows, each at least a prefill and
+  # one decode step, at most max_new_tokens steps.
+  e = config.eval
+  calls = -(-e.num_problems * e.samples_per_prompt // e.batch_size)
+  bounds = [calls * flops.generation_flops(cfg, e.batch_size, config.data.prompt_len, e.max_new_tokens,
+                                           decode_steps=steps) for steps in (1, e.max_new_tokens)]
+  evaluations = [summary[name]["flops"] for name in ("policy before", "policy after")]
+  assert all(bounds[0] <= f <= bounds[1] for f in evaluations), (evaluations, bounds)
   assert summary["flops"] == flops.counters(  # 2 steps x 2 updates; the reference's scoring is the teacher's
       student_generation=generation, student_train=2 * 2 * flops.train_flops(cfg, rows, length),
-      teacher_scoring=2 * flops.forward_flops(cfg, rows, length))
+      teacher_scoring=2 * flops.forward_flops(cfg, rows, length), eval=sum(evaluations))
+  assert metrics[-1]["eval_flops"] == 0  # GRPO runs no probes
   assert metrics[-1]["student_generation_flops"] == generation
   assert (tmp_path / "policy" / "config.json").is_file()
   assert json.loads((tmp_path / "results.json").read_text())["flops"] == summary["flops"]

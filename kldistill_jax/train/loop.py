@@ -41,14 +41,16 @@ def _progress(total, initial, desc):
 
 
 def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
-                decode_steps):
-  """Matmul FLOPs of one step per phase (see `flops.PHASES`)."""
+                max_new_tokens, decode_steps):
+  """Matmul FLOPs of one step per phase (see `flops.PHASES`); the sampler (if any) ran `decode_steps` of
+  its `max_new_tokens`."""
   phases = {"student_train": flops.train_flops(student_cfg, batch_size, length)}
   if teacher_scores:
     phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, length)
   if generator is not None:
     cfg = student_cfg if generator == "student" else teacher_cfg
-    phases[f"{generator}_generation"] = flops.generation_flops(cfg, batch_size, prompt_len, decode_steps)
+    phases[f"{generator}_generation"] = flops.generation_flops(cfg, batch_size, prompt_len, max_new_tokens,
+                                                               decode_steps=decode_steps)
   return phases
 
 
@@ -67,17 +69,20 @@ def _training_batch(data_batch, *, cached, objective, teacher, student, rng, con
 
 
 def _curriculum_step(state, step, curriculum_config, measure_entropy, model, desc):
-  """At a stage end: measure the held-out entropy, decide, say so. Returns (state, metrics)."""
+  """At a stage end: measure the held-out entropy, decide, say so. Returns (state, metrics, the
+  measurement's FLOPs)."""
   if not curriculum.is_stage_end(step, curriculum_config):
-    return state, {}
+    return state, {}, 0
   length = curriculum.length_at(state, curriculum_config)
-  entropy = measure_entropy(model, length)
+  measured = measure_entropy(model, length)
+  entropy = measured["entropy"]
   state, decision = curriculum.decide(state, entropy, curriculum_config)
   message = (f"{desc}: step {step}: curriculum stage {decision.stage} at length {decision.length}: held-out "
              f"entropy {entropy:.4f} vs h_min {curriculum_config.h_min}: {decision.decision} -> length "
              f"{decision.next_length}")
   logging.warning(message)  # the run's one decision per stage is worth seeing at the default verbosity
-  return state, {"curriculum_entropy": entropy, "curriculum_next_length": float(decision.next_length)}
+  return (state, {"curriculum_entropy": entropy, "curriculum_next_length": float(decision.next_length)},
+          measured.get("flops", 0))
 
 
 def check_batch_size(config, mesh):
@@ -187,11 +192,12 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   trajectory_cache: a built `trajectories` cache directory: teacher prefixes are read from it instead of
   sampled (its one-off generation cost, `cache_flops`, starts the teacher-generation FLOP counter).
   curriculum_config: a `curriculum.CurriculumConfig`: the sampled training length follows the
-  entropy-gated curriculum, `measure_entropy(model, length) -> float` measuring H at each stage end; its
-  state is checkpointed with the run.
+  entropy-gated curriculum, `measure_entropy(model, length) -> evaluation dict` measuring H (its
+  "entropy") at each stage end; its state is checkpointed with the run.
   probe: `probe(model) -> evaluation dict` run every config.eval.probe_every steps (0 = never); its
   accuracy, entropy and mean_length are logged as probe_accuracy / probe_entropy / probe_length, so the
   student's own behaviour on held-out prompts can be plotted over training whatever the prefix source.
+  The "flops" of those evaluation dicts (0 when absent) go to the `eval` FLOP counter.
   """
   check_batch_size(config, mesh)
   model = split(student)
@@ -214,10 +220,10 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
                                      config=config, tokenizer=tokenizer, length=length)
     state, metrics = step_fn(state, batch, teacher_split)
     metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
-    decided = {}
+    decided, eval_flops = {}, 0
     if curriculum_config is not None and all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-      stage_state, decided = _curriculum_step(stage_state, step + 1, curriculum_config, measure_entropy,
-                                              model.merge(state.params), desc)
+      stage_state, decided, eval_flops = _curriculum_step(stage_state, step + 1, curriculum_config,
+                                                          measure_entropy, model.merge(state.params), desc)
       meta["curriculum"] = stage_state.to_dict()
       metrics.update(decided, training_length=float(length))
     events = {"checkpoint"} if decided else set()
@@ -227,13 +233,16 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
       metrics.update(probe_accuracy=result["accuracy"], probe_entropy=result["entropy"],
                      probe_length=result["mean_length"])
       events.add("log")
-    decode_steps = int(round(metrics.get("max_length", 0))) or config.sampling.max_new_tokens
+      eval_flops += result.get("flops", 0)
+    max_new_tokens = length or config.sampling.max_new_tokens  # what _training_batch's sampler was given
+    decode_steps = int(round(metrics.get("max_length", 0))) or max_new_tokens
     phases = _step_flops(
         student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
         generator=generator, batch_size=config.batch_size,
         teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
-        prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], decode_steps=decode_steps)
-    flops.accumulate(meta["flops"], **phases)
+        prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
+        decode_steps=decode_steps)
+    flops.accumulate(meta["flops"], eval=eval_flops, **phases)
     return state, metrics, events
 
   state, meta = run_loop(config, workdir, mesh=mesh, state=state, iterator=iterator,

@@ -154,7 +154,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
     length = batch["tokens"].shape[1]
     decode_steps = int(round(metrics["max_length"]))
     flops.accumulate(meta["flops"],
-                     student_generation=flops.generation_flops(policy.config, rows, prompt_len, decode_steps),
+                     student_generation=flops.generation_flops(policy.config, rows, prompt_len, s.max_new_tokens,
+                                                               decode_steps=decode_steps),
                      student_train=g.updates_per_batch * flops.train_flops(policy.config, rows, length),
                      teacher_scoring=flops.forward_flops(reference.config, rows, length) if g.kl_coef > 0 else 0)
     return state, metrics, set()

@@ -18,7 +18,7 @@ from flax import nnx
 
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
-from kldistill_jax.train import rl, setup, trajectories
+from kldistill_jax.train import flops, rl, setup, trajectories
 from kldistill_jax.train.loop import train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
@@ -60,16 +60,22 @@ def _cached_or_fitted(config, section, field, workdir, *, steps, learning_rate, 
 
 
 def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
-  """evaluation.evaluate with the config's eval settings (`overrides` replace them)."""
+  """evaluation.evaluate with the config's eval settings (`overrides` replace them); its "flops": what its
+  sampler calls computed (each over the whole global batch, padding rows included)."""
   e = config.eval
   settings = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                   samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k),
                   truncated_is_wrong=e.truncated_is_wrong)
   settings.update(overrides)
-  return evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
-                             prompt_len=config.data.prompt_len,
-                             batch_size=e.batch_size // jax.process_count(), rng=jax.random.key(e.seed),
-                             mesh=mesh, **settings)
+  local_batch = e.batch_size // jax.process_count()
+  result = evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
+                               prompt_len=config.data.prompt_len, batch_size=local_batch,
+                               rng=jax.random.key(e.seed), mesh=mesh, **settings)
+  result["flops"] = sum(flops.generation_flops(model.config, local_batch * jax.process_count(),
+                                               config.data.prompt_len, settings["max_new_tokens"],
+                                               decode_steps=steps)
+                        for steps in result.pop("decode_steps"))
+  return result
 
 
 def _probe(config, tokenizer, records, mesh, check, problems):
@@ -112,14 +118,18 @@ def _data(config):
 def _write_results(workdir, results, meta, examples_of):
   """results.json (metrics without examples, FLOPs, curriculum), the table and examples on stdout."""
   summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
-  summary["flops"] = dict(meta["flops"])  # per phase, and the student / teacher totals
+  # Per phase, and the student / teacher totals; the evaluations before and after training (stored ones
+  # from an older version may lack "flops") join the probes' in the eval phase.
+  summary["flops"] = flops.accumulate(dict(meta["flops"]),
+                                      eval=sum(r.get("flops", 0) for r in results.values()))
   if "curriculum" in meta:
     summary["curriculum"] = meta["curriculum"]
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + format_table(results))
-    print(f"\nstudent FLOPs {meta['flops']['student_flops']:.3e}, "
-          f"teacher FLOPs {meta['flops']['teacher_flops']:.3e}")
+    print(f"\nstudent FLOPs {summary['flops']['student_flops']:.3e}, "
+          f"teacher FLOPs {summary['flops']['teacher_flops']:.3e}, "
+          f"evaluation FLOPs {summary['flops']['eval_flops']:.3e}")
     for prompt, text, answer, ok in results[examples_of]["examples"]:
       print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
   logging.info("results in %s", workdir / "results.json")
@@ -158,7 +168,7 @@ def run_distill(config, workdir):
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
                                 trajectory_cache=cache, cache_flops=cache_flops,
                                 curriculum_config=curriculum_config,
-                                measure_entropy=lambda model, length: curriculum_probe(model, length)["entropy"],
+                                measure_entropy=curriculum_probe,
                                 probe=lambda model: probe(model, config.eval.max_new_tokens))
     hf.save(student, workdir / "student")
     results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
