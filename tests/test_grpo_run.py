@@ -1,6 +1,7 @@
 """GRPO wired end to end: the policy's token log-probs, rollout rewards, the update, the job, resume."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flax import nnx
 import config_files
 from kldistill_jax import data, models, sampling
 from kldistill_jax.models import hf
-from kldistill_jax.train import flops, grpo, rl, runner
+from kldistill_jax.train import flops, grpo, presets, rl, runner, setup
 from kldistill_jax.train.metrics import read_metrics
 from kldistill_jax.train.state import Split, init_state, split
 
@@ -153,3 +154,21 @@ def test_group_advantages_feed_the_rows_in_group_order():
   np.testing.assert_allclose(a[:4], [(1 - 0.25) / (np.sqrt(0.1875) + 1e-6)] + [-0.25 / (np.sqrt(0.1875) + 1e-6)] * 3,
                              rtol=1e-6)
   np.testing.assert_array_equal(a[4:], 0.0)
+
+
+def test_a_loaded_student_is_not_refitted_unless_asked(tmp_path, caplog):
+  """The README's `configs/grpo.py --config.student.path=...`: the arithmetic preset's warmup_steps must not
+  fit the loaded (distilled) student to the data before RL."""
+  config = _grpo_config(**{"student.path": str(presets.ARITHMETIC_TEACHER), "student.warmup_steps": 150})
+  mesh = setup.make_mesh(config)
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  with jax.set_mesh(mesh), caplog.at_level(logging.WARNING):
+    model = runner._cached_or_fitted(  # pylint: disable=protected-access
+        config, config.student, "student", tmp_path / "student_init", steps=config.student.warmup_steps,
+        learning_rate=1e-2, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer,
+        source=setup.make_source(config, "train", tokenizer), mesh=mesh, seed=0)
+  assert not (tmp_path / "student_init").exists()
+  assert "student.fit_loaded=True" in caplog.text
+  loaded = hf.load(presets.ARITHMETIC_TEACHER)
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,6 +15,7 @@ def _model_section(**model):
   s.param_dtype = "float32"  # storage dtype (float32 masters for the trained student)
   s.compute_dtype = "float32"  # activation/matmul dtype ("bfloat16" on accelerators)
   s.remat = False  # rematerialise each block in the backward pass
+  s.fit_loaded = False  # a model loaded from `path` is used as is; True: fit it to the data first too
   return s
 
 
@@ -132,4 +133,9 @@ def base_config():
   # ("name=format:path", ...), format gsm8k | math | aime | amc: when non-empty, the held-out evaluation is
   # these JSONL files (each its own group in results.json by_group) instead of the data source's eval split
   c.eval.benchmarks = ()
+
+  # the final models (workdir/student, workdir/policy) as Hugging Face directories with tokenizer files and
+  # generation_config.json (eval.temperature / eval.max_new_tokens); stage exports (*/model) stay lossless
+  c.export = ml_collections.ConfigDict()
+  c.export.dtype = "bfloat16"  # parameter dtype of those exports: bfloat16 | float32 (the exact masters)
   return c

@@ -9,6 +9,7 @@ run ends with the same parameters as an uninterrupted one.
 
 import math
 import pathlib
+import signal
 import time
 
 import grain
@@ -18,7 +19,8 @@ from absl import logging
 from flax import nnx
 
 from kldistill_jax import data as data_lib
-from kldistill_jax.train import curriculum, distributed, flops, prefixes, trajectories
+from kldistill_jax.errors import Preempted
+from kldistill_jax.train import curriculum, distributed, flops, prefixes, preemption, trajectories
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -141,10 +143,16 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
   abstract_sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                   state)
   start = 0
-  restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
+  try:
+    restored = checkpointer.restore_latest(abstract_sharded, data_iterator=iterator)
+  except BaseException:
+    checkpointer.close()
+    raise
   if restored is not None:
     start, state, meta = restored
-    logging.info("%s: resumed from step %d in %s", desc, start, workdir)
+    # At WARNING: a rerun that resumed (and from where) is the first thing a user wants confirmed.
+    logging.warning("%s: resumed from checkpoint step %d of %d (workdir %s)", desc, start, config.steps,
+                    workdir)
   writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
   base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
   bar = _progress(config.steps, start, desc)
@@ -167,13 +175,19 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
       metrics.update(step_time_s=elapsed, tokens_per_s=metrics["num_tokens"] / elapsed,
                      **{k: float(v) for k, v in meta.get("flops", {}).items()})
       last = step + 1 == config.steps
-      if (step + 1) % config.log_every == 0 or last or step == 0 or events & {"log", "checkpoint"}:
+      stop = preemption.agreed()
+      if (step + 1) % config.log_every == 0 or last or step == 0 or stop or events & {"log", "checkpoint"}:
         writer.write(step + 1, metrics)
-      if (step + 1) % config.checkpoint_every == 0 or last or "checkpoint" in events:
-        checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta)
+      if (step + 1) % config.checkpoint_every == 0 or last or stop or "checkpoint" in events:
+        checkpointer.save(step + 1, state, data_iterator=iterator, meta=meta, force=bool(stop))
       if bar is not None:
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in postfix if k in metrics}, refresh=False)
         bar.update(1)
+      if stop and not last:
+        checkpointer.wait()
+        raise Preempted(f"{desc}: stopped on {signal.Signals(stop).name} after step {step + 1} of "
+                        f"{config.steps}; checkpoint step {step + 1} is on disk in "
+                        f"{workdir / 'checkpoints'}: rerun the same command to resume", stop)
   finally:
     if bar is not None:
       bar.close()

@@ -18,20 +18,10 @@ from flax import nnx
 
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
-from kldistill_jax.train import flops, rl, setup, trajectories
+from kldistill_jax.train import flops, preemption, rl, setup, trajectories, workdir as workdir_lib
 from kldistill_jax.train.loop import train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
-
-
-def _local_workdir(workdir):
-  if not workdir:
-    raise ValueError("--workdir is required for training jobs")
-  if "://" in str(workdir):
-    raise ValueError(f"--workdir={workdir}: URL workdirs are not supported (metrics.jsonl is appended "
-                     "line by line, which object stores cannot do); mount the bucket (e.g. gcsfuse) or use "
-                     "a shared filesystem and pass its path")
-  return pathlib.Path(workdir)
 
 
 def _fit_to_data(config, workdir, model, *, steps, learning_rate, tokenizer, source, mesh, desc):
@@ -42,13 +32,18 @@ def _fit_to_data(config, workdir, model, *, steps, learning_rate, tokenizer, sou
     stage.objective.fused = False
   model, _ = train_stage(stage, workdir, student=model, teacher=None, objective=DATA_OBJECTIVE,
                          tokenizer=tokenizer, source=source, mesh=mesh, desc=desc)
-  hf.save(model, pathlib.Path(workdir) / "model")
+  hf.save(model, pathlib.Path(workdir) / "model", tokenizer=tokenizer,  # lossless: reloaded as a stage's start
+          generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
   return model
 
 
 def _cached_or_fitted(config, section, field, workdir, *, steps, learning_rate, vocab_size, tokenizer,
                       source, mesh, seed):
   """The model of `section` (a path, or inline), fitted to the data first when `steps` > 0 (cached)."""
+  if steps > 0 and section.path and not section.fit_loaded:
+    logging.warning("%s.path is set: the loaded %s is used as it is, not fitted to the data first (%d steps "
+                    "asked for); set %s.fit_loaded=True to fit it", field, field, steps, field)
+    steps = 0
   exported = pathlib.Path(workdir) / "model"
   if steps > 0 and (exported / hf.CONFIG_FILE).is_file():
     return setup.load_model(section, field, vocab_size, mesh, seed, path=exported)
@@ -75,6 +70,29 @@ def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
                                                config.data.prompt_len, settings["max_new_tokens"],
                                                decode_steps=steps)
                         for steps in result.pop("decode_steps"))
+  return result
+
+
+def _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, check):
+  """_evaluate, stored in workdir/evaluations/<name>.json and reused by a rerun (a restart after a
+  preemption) whose evaluation settings are the same: the teacher's and the starting student's numbers
+  cost a full sampling pass each, and nothing that produced them has changed (`workdir.check_config`)."""
+  path = pathlib.Path(workdir) / "evaluations" / f"{name.replace(' ', '_')}.json"
+  trained = name.endswith("after")  # the trained model depends on `steps`, which a rerun may raise
+  settings = {k: v for k, v in workdir_lib.resolved(config).items()
+              if k.startswith(("eval.", "data.")) or (trained and k == "steps")}
+  if path.is_file():
+    stored = json.loads(path.read_text())
+    if stored["settings"] == settings:
+      logging.warning("%s: evaluation reused from %s", name, path)
+      return stored["result"]
+  preemption.raise_if_requested(f"before evaluating the {name}")
+  result = _evaluate(config, model, tokenizer, records, mesh, check)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"settings": settings, "result": result}, indent=1) + "\n")
+    temporary.replace(path)
   return result
 
 
@@ -136,9 +154,9 @@ def _write_results(workdir, results, meta, examples_of):
   return summary
 
 
+@workdir_lib.owned
 def run_distill(config, workdir):
   """Teacher and student per the config, distillation with config.objective, evaluation before/after."""
-  workdir = _local_workdir(workdir)
   objective = setup.make_objective(config)
   setup.check_teacher_cache(config, objective)
   curriculum_config = setup.make_curriculum(config, objective)
@@ -155,10 +173,11 @@ def run_distill(config, workdir):
                                 learning_rate=config.student.warmup_learning_rate, seed=config.seed + 2,
                                 **common)
     setup.check_vocabularies(teacher, student, tokenizer)
-    results = {"teacher": _evaluate(config, teacher, tokenizer, eval_records, mesh, check),
-               "student before": _evaluate(config, student, tokenizer, eval_records, mesh, check)}
+    results = {name: _evaluate_stored(config, workdir, name, model, tokenizer, eval_records, mesh, check)
+               for name, model in (("teacher", teacher), ("student before", student))}
     cache, cache_flops = None, 0
     if config.teacher_cache.enabled:
+      preemption.raise_if_requested("before building the teacher trajectory cache")
       cache = workdir / "trajectories"
       cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
     curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems)
@@ -170,18 +189,20 @@ def run_distill(config, workdir):
                                 curriculum_config=curriculum_config,
                                 measure_entropy=curriculum_probe,
                                 probe=lambda model: probe(model, config.eval.max_new_tokens))
-    hf.save(student, workdir / "student")
-    results["student after"] = _evaluate(config, student, tokenizer, eval_records, mesh, check)
+    hf.save(student, workdir / "student", dtype=config.export.dtype, tokenizer=tokenizer,
+            generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
+    results["student after"] = _evaluate_stored(config, workdir, "student after", student, tokenizer,
+                                                eval_records, mesh, check)
   return _write_results(workdir, results, meta, "student after")
 
 
+@workdir_lib.owned
 def run_grpo(config, workdir):
   """GRPO from the student (student.path: e.g. a distilled student's export), evaluated before/after.
 
   Workdir: student_init/ (only when the inline student is fitted first), checkpoints/ metrics.jsonl
   tensorboard/ of the RL run, policy/ (the trained policy as a Hugging Face checkpoint), results.json.
   """
-  workdir = _local_workdir(workdir)
   rl.check_settings(config)
   mesh = setup.make_mesh(config)
   tokenizer, train_source, eval_records, check = _data(config)
@@ -195,18 +216,21 @@ def run_grpo(config, workdir):
     reference = None
     if config.grpo.kl_coef > 0:  # a second, frozen copy of the starting weights
       reference = nnx.clone(policy)
-    results = {"policy before": _evaluate(config, policy, tokenizer, eval_records, mesh, check)}
+    results = {"policy before": _evaluate_stored(config, workdir, "policy before", policy, tokenizer,
+                                                 eval_records, mesh, check)}
     policy, meta = rl.grpo_stage(config, workdir, policy=policy, reference=reference, tokenizer=tokenizer,
                                  source=train_source, mesh=mesh, check=check,
                                  desc=f"grpo (G={config.grpo.group_size})")
-    hf.save(policy, workdir / "policy")
-    results["policy after"] = _evaluate(config, policy, tokenizer, eval_records, mesh, check)
+    hf.save(policy, workdir / "policy", dtype=config.export.dtype, tokenizer=tokenizer,
+            generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
+    results["policy after"] = _evaluate_stored(config, workdir, "policy after", policy, tokenizer,
+                                               eval_records, mesh, check)
   return _write_results(workdir, results, meta, "policy after")
 
 
+@workdir_lib.owned
 def run_pretrain(config, workdir):
   """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
-  workdir = _local_workdir(workdir)
   mesh = setup.make_mesh(config)
   tokenizer, source, eval_records, check = _data(config)
   with jax.set_mesh(mesh):

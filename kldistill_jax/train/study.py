@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 
 from kldistill_jax import objectives
-from kldistill_jax.train import presets, runner
+from kldistill_jax.train import presets, runner, workdir as workdir_lib
 
 GROUPS = ("cells", "mixing", "curriculum", "grpo")
 
@@ -146,10 +146,10 @@ def _strip_examples(result):
   return {k: v for k, v in result.items() if k != "examples"}
 
 
+@workdir_lib.owned
 def run_study(config, workdir):
   """Runs (or resumes) every run of the plan, then writes report.md and the plots in `workdir`."""
   from kldistill_jax import report  # pylint: disable=g-import-not-at-top  (matplotlib: only when reporting)
-  workdir = runner._local_workdir(workdir)  # pylint: disable=protected-access
   entries, runs = plan(config)
   runs_dir = workdir / "runs"
   base_dir = runs_dir / "base"
@@ -158,7 +158,9 @@ def run_study(config, workdir):
                                            ("optimizer.learning_rate", config.student.warmup_learning_rate)))
     result = runner.run_pretrain(base, base_dir)
     (base_dir / "results.json").write_text(json.dumps({"base": _strip_examples(result)}, indent=2) + "\n")
-  common = (("student.path", str(base_dir / "model")), ("student.warmup_steps", 0))
+  # distilled students are exported as their float32 masters: the GRPO runs start from them (bfloat16
+  # exports would round the starting weights and change the GRPO results)
+  common = (("student.path", str(base_dir / "model")), ("student.warmup_steps", 0), ("export.dtype", "float32"))
   for name, run in runs.items():
     directory = runs_dir / name
     if (directory / "results.json").is_file():
