@@ -259,6 +259,34 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """A preemption notice reaches one host: every process finishes the same step, saves its shards of one
+  checkpoint, and exits 128 + SIGTERM."""
+  workdir, address = tmp_path / "multi", f"127.0.0.1:{_free_port()}"
+  dist = ("--config.distributed.mode=explicit", f"--config.distributed.coordinator_address={address}",
+          "--config.distributed.num_processes=2")
+  overrides = ("--config.steps=40", "--config.checkpoint_every=40", *dist)
+  processes = [_Process(_command(workdir, *overrides, f"--config.distributed.process_id={i}"), _env(1),
+                        tmp_path, f"process{i}") for i in (0, 1)]
+  deadline = time.monotonic() + TIMEOUT
+  try:
+    while not ((workdir / "metrics.jsonl").is_file() and len(read_metrics(workdir)) >= 2):
+      if any(p.popen.poll() is not None for p in processes) or time.monotonic() > deadline:
+        pytest.fail("a process ended or hung before step 2:\n" + "\n".join(p.stderr()[-2000:] for p in processes))
+      time.sleep(0.05)
+    os.kill(processes[1].popen.pid, signal.SIGTERM)  # process 1 only
+    codes = [p.wait(deadline) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert codes == [128 + signal.SIGTERM] * 2, [p.stderr()[-2000:] for p in processes]
+  saved = _finished_steps(workdir)
+  assert len(saved) == 1 and saved[0] < 40, saved
+  for p in processes:
+    assert f"stopped on SIGTERM after step {saved[0]} of 40" in p.stderr()
+  assert _steps(workdir) == list(range(1, saved[0] + 1))
+
+
 DAMAGE = b"damaged checkpoint!"
 
 
