@@ -32,6 +32,12 @@ def test_quickstart_sized_run(tmp_path):
   assert list((tmp_path / "tensorboard").iterdir())
   student = load_file(tmp_path / "student" / "model.safetensors")
   assert "model.embed_tokens.weight" in student
+  # the export is servable as is (export.dtype bfloat16, tokenizer, generation defaults: tests/test_export.py);
+  # the warm-up stage's export, reloaded on resume, keeps the float32 masters
+  assert str(student["model.embed_tokens.weight"].dtype) == "bfloat16"
+  assert load_file(tmp_path / "student_init" / "model" / "model.safetensors")["model.norm.weight"].dtype == "float32"
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    assert (tmp_path / "student" / name).read_text() == (ROOT / "assets" / "arithmetic_teacher" / name).read_text()
 
   metrics = read_metrics(tmp_path)
   assert [m["step"] for m in metrics] == [1, 5, 10, 15, 20, 25, 30, 35, 40]

@@ -70,6 +70,9 @@ def test_teacher_flops_stop_growing_with_the_cache(runs):
   assert cached_flops[0] == cached_flops[-1] > 0  # only the one-off build
   info = json.loads((cached / "trajectories" / trajectories.INFO).read_text())
   assert cached_flops[0] == info["teacher_flops"]
+  # The build sampled what the online run sampled (same prompts, keys and lengths): the same generation cost.
+  generation = [m["teacher_generation_flops"] for m in (_metrics(online)[-1], _metrics(cached)[-1])]
+  assert generation[0] == generation[1] > 0
 
 
 # ----------------------------------------------------------------------------- sharded build, resume, reading

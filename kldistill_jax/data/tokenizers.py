@@ -2,7 +2,9 @@
 
 Both expose `vocab_size`, `pad_id`, `eos_id`, `eos_ids`, `name`, `encode(text) -> list[int]`,
 `encode_batch(texts) -> list[list[int]]` (the same ids; one call for many texts),
-`decode(ids) -> str` (stops at the first EOS, drops padding) and `apply_chat_template(messages) -> str`.
+`decode(ids) -> str` (stops at the first EOS, drops padding) and `apply_chat_template(messages) -> str`,
+`bos_id` (None when there is none) and `save_pretrained(directory)` (Hugging Face tokenizer files, which
+`hf.save(..., tokenizer=)` writes next to the weights).
 `name` identifies the vocabulary, so a teacher and a student can be checked to share one.
 """
 
@@ -24,7 +26,9 @@ class CharTokenizer:
   pad_id = 0
   eos_id = 1
   eos_ids = (1,)
+  bos_id = None
   name = "char-v1"
+  special_tokens = ("<pad>", "</s>")  # the names of ids 0 and 1 in the Hugging Face export (`to_hf`)
 
   def __init__(self):
     self._ids = {c: i + 2 for i, c in enumerate(CHAR_ALPHABET)}
@@ -56,6 +60,43 @@ class CharTokenizer:
     raise ValueError(f"the {self.name} tokenizer has no chat template: set data.template to 'raw' or "
                      "'plain'")
 
+  def to_hf(self):
+    """The same tokenizer as a `transformers` fast tokenizer (a `tokenizers` file, no custom code).
+
+    Same ids, one token per character: a character-level BPE without merges after a pre-tokenizer that
+    isolates every character (newlines included), joined back by a `Fuse` decoder; no spaces are cleaned
+    up on decode. Ids past the alphabet are special `<unused_N>` tokens, so `len(tokenizer)` is
+    `vocab_size`. Differences: characters outside the alphabet are dropped (here they raise) and
+    `decode(..., skip_special_tokens=True)` drops unused ids (here they show as U+FFFD). No chat template.
+    """
+    import tokenizers  # pylint: disable=g-import-not-at-top  (only exports need them)
+    import transformers  # pylint: disable=g-import-not-at-top
+    vocab = {token: i for i, token in enumerate(self.special_tokens)}
+    vocab.update(self._ids)
+    unused = [f"<unused_{i}>" for i in range(len(vocab), self.vocab_size)]
+    vocab.update({token: len(vocab) + k for k, token in enumerate(unused)})
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = tokenizers.decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=self.special_tokens[self.pad_id],
+        eos_token=self.special_tokens[self.eos_id], additional_special_tokens=unused,
+        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
+
+  def save_pretrained(self, directory):
+    """Writes tokenizer.json and tokenizer_config.json (`to_hf`) to `directory`."""
+    directory = pathlib.Path(directory)
+    self.to_hf().save_pretrained(str(directory))
+    # transformers 5 names its fast class "TokenizersBackend" and lists extra special tokens as
+    # "extra_special_tokens" (a dict of named tokens in transformers 4): the transformers 4 names, which
+    # transformers 5 reads too, keep the directory loadable by serving engines pinned to 4.x.
+    config_file = directory / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
+      tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
+    config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
 
 class HFTokenizer:
   """A local `transformers` tokenizer directory behind the same interface.
@@ -74,6 +115,7 @@ class HFTokenizer:
     self.eos_ids = (self.eos_id,) + tuple(i for i in self._generation_eos_ids() if i != self.eos_id)
     pad = self.tokenizer.pad_token_id
     self.pad_id = self.eos_id if pad is None else pad
+    self.bos_id = self.tokenizer.bos_token_id
     self.vocab_size = len(self.tokenizer)
     vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
     digest = hashlib.sha256(vocab.encode()).hexdigest()[:12]
@@ -111,6 +153,11 @@ class HFTokenizer:
     if not self.tokenizer.chat_template:
       raise ValueError(f"tokenizer at {self.path} has no chat template: set data.template to 'plain'")
     return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+  def save_pretrained(self, directory):
+    """The tokenizer's files (chat template included) in `directory`; `hf.save` writes the EOS ids
+    (`eos_ids`) to generation_config.json."""
+    self.tokenizer.save_pretrained(str(directory))
 
 
 def load_tokenizer(spec: str):

@@ -3,6 +3,7 @@
     model = hf.load("/ckpt/Qwen3-0.6B", dtype="bfloat16", mesh=mesh)  # each tensor read onto its shards
     hf.save(model, "/out")  # transformers.AutoModelForCausalLM.from_pretrained("/out") gives the same logits
     tokenizer = hf.load_tokenizer("/ckpt/Qwen3-0.6B")
+    hf.save(model, "/out", dtype="bfloat16", tokenizer=tokenizer, generation=dict(temperature=0.0))  # + chat
 
 Tensor names follow from the model's own variable paths: `layers/3/self_attn/q_proj/kernel` <->
 `model.layers.3.self_attn.q_proj.weight`, transposed (our kernels are [in, out], torch's Linear weights
@@ -29,6 +30,7 @@ from kldistill_jax.models.config import Llama3RopeScaling, ModelConfig
 from kldistill_jax.models.transformer import Transformer
 
 CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -305,13 +307,21 @@ def _safetensors_header(params, dtype):
   return struct.pack("<Q", len(header_bytes)) + header_bytes
 
 
-def save(model: Transformer, path, *, dtype=None):
-  """Writes `path`/config.json and `path`/model.safetensors (torch layout), one tensor on the host at a time.
+def save(model: Transformer, path, *, dtype=None, tokenizer=None, generation=None):
+  """Writes `path`/config.json and `path`/model.safetensors (torch layout), one tensor on the host at a time,
+  and with `tokenizer` or `generation` what transformers and serving engines need to chat with the directory.
 
-  dtype: store the parameters in this dtype (default: the model's). Every process must call it (sharded
-  arrays are gathered); process 0 writes.
+  dtype: store the parameters in this dtype, written as config.json's `dtype` too (default: the model's own,
+  a lossless round trip; "bfloat16" halves an export of float32 masters). tokenizer: a `kldistill_jax.data`
+  tokenizer (the built-in char one is written as an equivalent `tokenizers` file) or a transformers one; its
+  files (chat template included) are written next to the weights. generation: default sampling settings
+  (`generation_config` keywords: temperature, top_k, top_p, max_new_tokens). generation_config.json gets the
+  tokenizer's EOS / pad / BOS ids and those settings. Every process must call it (sharded arrays are
+  gathered); process 0 writes.
   """
   path = pathlib.Path(path)
+  ids = _special_ids(tokenizer) if tokenizer is not None else {}
+  generation_json = generation_config(**ids, **(generation or {})) if tokenizer is not None or generation else None
   config = model.config if dtype is None else model.config.replace(param_dtype=jnp.dtype(dtype).name)
   if config.param_dtype not in _SAFETENSORS_DTYPES:
     raise ValueError(f"cannot save parameters as {config.param_dtype} (supported: {', '.join(_DTYPES)})")
@@ -328,9 +338,46 @@ def save(model: Transformer, path, *, dtype=None):
       array = _to_host(var[...]).astype(config.param_jnp_dtype, copy=False)
       if writer:
         f.write(np.ascontiguousarray(array.T if transpose else array).tobytes())
-  if writer:
+  if writer:  # config.json last: its presence marks a complete export (the runner's stage cache)
     os.replace(temporary, path / WEIGHTS_FILE)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(path))
+    if generation_json is not None:
+      (path / GENERATION_FILE).write_text(json.dumps(generation_json, indent=2) + "\n")
     (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+
+
+def generation_config(*, eos_token_id=None, pad_token_id=None, bos_token_id=None, temperature=None, top_k=0,
+                      top_p=1.0, max_new_tokens=None) -> dict:
+  """The generation_config.json dict of our sampler's settings: temperature 0 is greedy (`do_sample`
+  false); top_k 0 and top_p 1 are off (written as such: transformers' own default is top_k 50); None leaves
+  a setting to the loader's default. eos_token_id: an id or a list (every id that ends a turn)."""
+  if temperature is not None and temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0 or top_k < 0:
+    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  out = {}
+  for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                     ("pad_token_id", pad_token_id), ("max_new_tokens", max_new_tokens)):
+    if value is not None:
+      out[key] = [int(i) for i in value] if isinstance(value, (list, tuple)) else int(value)
+  if temperature is not None:
+    out["do_sample"] = temperature > 0
+    if temperature > 0:
+      out.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  return out
+
+
+def _special_ids(tokenizer) -> dict:
+  """EOS / pad / BOS ids of a `kldistill_jax.data` tokenizer (eos_ids, pad_id) or a transformers one."""
+  if hasattr(tokenizer, "eos_ids"):
+    eos, pad, bos = list(tokenizer.eos_ids), tokenizer.pad_id, getattr(tokenizer, "bos_id", None)
+  else:
+    eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
+    pad = eos if pad is None else pad
+  if eos is None or eos == []:
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} defines no EOS token: exports need one")
+  return dict(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
 
 
 def load_tokenizer(path):

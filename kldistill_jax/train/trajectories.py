@@ -176,7 +176,8 @@ def build(teacher, source, tokenizer, config, path, *, mesh):
                                          rng=jax.random.fold_in(base_key, i), settings=config.sampling,
                                          tokenizer=tokenizer, with_model_logprobs=True)
     batch_flops = flops.generation_flops(teacher.config, config.batch_size, config.data.prompt_len,
-                                         int(distributed.to_host(stats["max_length"])))
+                                         config.sampling.max_new_tokens,
+                                         decode_steps=int(distributed.to_host(stats["max_length"])))
     if top_k:
       batch.update(zip(TOPK_KEYS, sampling.score_topk(teacher, batch["tokens"], batch["attention_mask"],
                                                       k=top_k, chunk_size=config.objective.chunk_size)))
