@@ -96,15 +96,15 @@ def test_unknown_override_is_an_error():
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   """Two good steps (checkpoints 1, 2), then a teacher with NaN weights: step 3 stops the run, names the
   step and the metric, and checkpoints and metrics of steps 1-2 stay."""
-  workdir = tmp_path / "run"
-  runner.run_distill(tiny_config(**{"objective.estimator": "exact", "objective.kl": "forward"}), workdir)
-  poisoned = tmp_path / "nan_teacher"
-  shutil.copytree(TEACHER, poisoned)
-  weights = load_file(poisoned / "model.safetensors")
+  workdir, teacher = tmp_path / "run", tmp_path / "teacher"
+  shutil.copytree(TEACHER, teacher)
+  settings = {"objective.estimator": "exact", "objective.kl": "forward", "teacher.path": str(teacher)}
+  runner.run_distill(tiny_config(**settings), workdir)
+  # The same teacher directory, its weights now NaN (a config change would be refused by the workdir).
+  weights = load_file(teacher / "model.safetensors")
   weights = {k: np.full_like(v, np.nan) if "norm" in k else v for k, v in weights.items()}
-  save_file(weights, poisoned / "model.safetensors")
-  config = tiny_config(**{"objective.estimator": "exact", "objective.kl": "forward", "steps": 4,
-                          "teacher.path": str(poisoned)})
+  save_file(weights, teacher / "model.safetensors")
+  config = tiny_config(**settings, steps=4)
   with pytest.raises(NonFiniteLossError, match=r"step 3: metric 'loss' is nan.*last good checkpoint "
                                                r"\(step 2\)"):
     runner.run_distill(config, workdir)
