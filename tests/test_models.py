@@ -182,8 +182,10 @@ def test_forward_matches_numpy_reference(family):
     assert np.abs(wrong - logits).max() > 1e-2
 
 
-def test_forward_with_padding_mask_matches_numpy_reference(family):
-  _, _, model = family
+@pytest.mark.parametrize("attention", ["auto", "xla"])  # auto = blockwise on CPU
+def test_forward_with_padding_mask_matches_numpy_reference(family, attention):
+  _, config, model = family
+  model = model if attention == "auto" else build(config.replace(attention=attention))
   tokens = _tokens((B, T), seed=2)
   positions = _padded_positions(MASK)
   logits = run(model, tokens, positions, MASK)

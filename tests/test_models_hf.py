@@ -134,9 +134,11 @@ def test_config_errors_name_the_problem_and_the_file():
 # ------------------------------------------------------------------------------------------ logit parity
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_match_transformers_with_left_and_right_padding(checkpoint, name):
+@pytest.mark.parametrize("attention", ["auto", "xla"])  # auto = blockwise on CPU
+def test_logits_match_transformers_with_left_and_right_padding(checkpoint, name, attention):
   directory, torch_model = checkpoint(name)
-  model = hf.load(directory)
+  model = hf.load(directory, attention=attention)
+  assert model.layers[0].self_attn.implementation == attention
   assert model.config.tie_word_embeddings == (model.lm_head is None) == torch_model.config.tie_word_embeddings
   tokens, mask, positions = hf_models.batch(model.config.vocab_size)
   reference = hf_models.torch_logits(torch_model, tokens, mask, positions)

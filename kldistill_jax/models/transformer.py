@@ -12,11 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldistill_jax.models import rope, sharding
+from kldistill_jax.models import attention, rope, sharding
 from kldistill_jax.models.cache import KVCache, init_cache
-
-_MASKED = -1e30  # finite, so fully masked (padding) query rows give finite garbage, never NaN
-
 
 def _param(rngs, shape, dtype, axes, scale=None):
   scale = 1.0 / jnp.sqrt(shape[0]) if scale is None else scale
@@ -62,8 +59,9 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
     self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
     self.inv_freq = nnx.Variable(rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
+    self.implementation = c.attention
 
-  def __call__(self, x_BTD, positions_BT, key_mask_BTS, layer_cache):
+  def __call__(self, x_BTD, positions_BT, key_valid_BS, layer_cache):
     b, t, _ = x_BTD.shape
     q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -74,24 +72,13 @@ class Attention(nnx.Module):
     q, k = rope.apply(q, positions_BT, inv_freq), rope.apply(k, positions_BT, inv_freq)
     # Attention runs in the cache's [B, kv_heads, slots, head_dim] layout.
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if layer_cache is not None:  # write this step's keys/values in place, attend over every slot
-      cache_k, cache_v, index = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2)
-    # Queries of one kv head's group are merged into one axis Q = groups * T. Keys/values are the LEFT
-    # operands and slots stay in the middle: XLA:CPU runs these contraction orders several times faster
-    # than the textbook "queries x keys^T" order on a long decode cache.
-    kv_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(b, kv_heads, groups * t, self.head_dim)
-    scores_BKSQ = jnp.einsum("bksd,bkqd->bksq", k.astype(q.dtype), q, preferred_element_type=jnp.float32)
-    scores_BKSQ = scores_BKSQ / jnp.sqrt(self.head_dim).astype(jnp.float32)
-    mask_BSQ = jnp.broadcast_to(key_mask_BTS.transpose(0, 2, 1)[:, :, None, :], (b, k.shape[2], groups, t))
-    scores_BKSQ = jnp.where(mask_BSQ.reshape(b, 1, k.shape[2], groups * t), scores_BKSQ, _MASKED)
-    probs = jax.nn.softmax(scores_BKSQ, axis=2).astype(x_BTD.dtype)
-    out = jnp.einsum("bksq,bksd->bkqd", probs, v.astype(x_BTD.dtype))
-    out = out.reshape(b, kv_heads, groups, t, self.head_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
-    return self.o_proj(out), (k, v)
+    offset = 0
+    if layer_cache is not None:  # write this step's keys/values in place, attend over the filled slots
+      cache_k, cache_v, offset = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), offset, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), offset, axis=2)
+    out = attention.attend(q, k, v, key_valid_BS, offset, implementation=self.implementation)
+    return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -115,25 +102,25 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, key_mask, layer_cache):
-    attn, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, layer_cache)
+  def __call__(self, x, positions, key_valid, layer_cache):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, key_valid, layer_cache)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-def _block_forward(block, x, positions, key_mask, layer_cache):
-  return block(x, positions, key_mask, layer_cache)
+def _block_forward(block, x, positions, key_valid, layer_cache):
+  return block(x, positions, key_valid, layer_cache)
 
 
-def _remat_block_forward(block, x, positions, key_mask, layer_cache):
+def _remat_block_forward(block, x, positions, key_valid, layer_cache):
   """The block under `jax.checkpoint` as a pure function of its state: `nnx.remat` fails on a module
   that was merged inside an outer plain-JAX trace (the train step, the sampler's while_loop)."""
   graphdef, state = nnx.split(block)
 
-  def pure(state, x, positions, key_mask, layer_cache):
-    return _block_forward(nnx.merge(graphdef, state), x, positions, key_mask, layer_cache)
+  def pure(state, x, positions, key_valid, layer_cache):
+    return _block_forward(nnx.merge(graphdef, state), x, positions, key_valid, layer_cache)
 
-  return jax.checkpoint(pure)(state, x, positions, key_mask, layer_cache)
+  return jax.checkpoint(pure)(state, x, positions, key_valid, layer_cache)
 
 
 class Transformer(nnx.Module):
@@ -165,20 +152,17 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     compute = self.config.compute_jnp_dtype
     token_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    # Which key slots hold real tokens; causality (slot order) is applied inside attention.
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      key_mask = causal[None] & token_mask[:, None, :]
+      key_valid = token_mask
     else:
-      valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
-      slots = jnp.arange(cache.max_len)
-      causal = slots[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
-      key_mask = causal[None] & valid[:, None, :]
+      key_valid = valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
     x = sharding.constrain(self.embed_tokens[...].astype(compute)[tokens], ("batch", None, None))
     forward = _remat_block_forward if self.config.remat else _block_forward
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, (k, v) = forward(block, x, positions, key_mask, layer_cache)
+      x, (k, v) = forward(block, x, positions, key_valid, layer_cache)
       x = sharding.constrain(x, ("batch", None, None))
       new_k.append(k)
       new_v.append(v)

@@ -15,6 +15,7 @@ def _model_section(**model):
   s.param_dtype = "float32"  # storage dtype (float32 masters for the trained student)
   s.compute_dtype = "float32"  # activation/matmul dtype ("bfloat16" on accelerators)
   s.remat = False  # rematerialise each block in the backward pass
+  s.attention = "auto"  # auto (splash TPU, cudnn GPU, blockwise CPU) | xla | blockwise | cudnn | splash
   s.fit_loaded = False  # a model loaded from `path` is used as is; True: fit it to the data first too
   return s
 
