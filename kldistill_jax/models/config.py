@@ -6,6 +6,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from kldistill_jax.errors import UserError
+from kldistill_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -30,6 +31,9 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters (float32 for training masters).
     compute_dtype: dtype of activations and matmuls (bfloat16 on accelerators); logits are float32.
     remat: rematerialise each block in the backward pass (activation memory O(layers) -> O(1) blocks).
+    attention: the attention implementation (`models.attention`): "auto" (splash on TPU, cudnn on GPU,
+      blockwise elsewhere), "xla" (materialised scores, the reference), "blockwise" (pure-JAX flash),
+      "cudnn" or "splash". Not part of a checkpoint's config.json; read when the model is built.
   """
   vocab_size: int
   hidden_size: int
@@ -49,16 +53,19 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise UserError(f"family must be one of {FAMILIES}, got {self.family!r}")
+      raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim"):
       if getattr(self, name) < 1:
-        raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.attention not in ATTENTION:
+      raise UserError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
     for name in ("param_dtype", "compute_dtype"):
       jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
 
