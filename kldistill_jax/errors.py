@@ -9,6 +9,18 @@ class UserError(ValueError):
   """A bad config value, missing or malformed file, incompatible models, or an unusable workdir."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory a config names does not exist (a `FileNotFoundError` too)."""
+
+
+class UnreadableFileError(UserError, PermissionError):
+  """A file or directory a config names cannot be read (a `PermissionError` too)."""
+
+
+class NotADirectoryUserError(UserError, NotADirectoryError):
+  """A path a config names as a directory is a file (a `NotADirectoryError` too)."""
+
+
 class ConfigMismatchError(UserError):
   """A rerun's config changes what the run in its workdir trains (objective, models, data, optimizer)."""
 

@@ -16,7 +16,8 @@ import collections
 import jax
 import numpy as np
 
-from kldistill_jax import data, sampling
+from kldistill_jax import data, progress, sampling
+from kldistill_jax.errors import UserError
 from kldistill_jax.train import distributed
 
 
@@ -91,11 +92,12 @@ def summarise(correct, lengths, entropy_sums, finished, pass_k):
 
 def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_tokens, temperature,
              batch_size, rng, mesh, top_k=0, top_p=1.0, samples_per_prompt=1, pass_k=(1,),
-             truncated_is_wrong=True):
+             truncated_is_wrong=True, desc="eval"):
   """Samples `samples_per_prompt` (n) completions per record, scores each with `check(text, answer)`.
 
   truncated_is_wrong: a completion without EOS within max_new_tokens counts as wrong (`check` is not asked):
-  the last number of a cut-off text is no answer. False: `check` alone decides.
+  the last number of a cut-off text is no answer. False: `check` alone decides. desc: what the progress
+  bar (process 0, one unit per sampler batch) calls the evaluation, e.g. "eval: teacher".
 
   Returns dict(accuracy (= avg_at_n, the mean over all n samples), pass_at_{k} for each k in pass_k
   (unbiased estimator, k <= n), mean_length (tokens, EOS included), entropy (mean per-token entropy of
@@ -107,8 +109,8 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
   n = int(samples_per_prompt)
   pass_k = tuple(int(k) for k in pass_k)
   if n < 1 or any(not 1 <= k <= n for k in pass_k):
-    raise ValueError(f"need samples_per_prompt >= 1 and 1 <= k <= samples_per_prompt for every k in "
-                     f"pass_k, got samples_per_prompt={samples_per_prompt}, pass_k={pass_k}")
+    raise UserError(f"need samples_per_prompt >= 1 and 1 <= k <= samples_per_prompt for every k in "
+                    f"pass_k, got samples_per_prompt={samples_per_prompt}, pass_k={pass_k}")
   num = len(records)
   batches = data.eval_batches(_Repeated(records, n), tokenizer, template=template, prompt_len=prompt_len,
                               batch_size=batch_size, process_index=jax.process_index(),
@@ -116,6 +118,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
   correct, lengths = np.zeros((num, n), bool), np.zeros((num, n), np.int64)
   entropy_sums, finished, examples = np.zeros((num, n)), np.zeros((num, n), bool), []
   decode_steps = []  # per sampler call: its decode loop's iterations (for FLOP counts)
+  bar = progress.bar(len(batches), desc, leave=False)
   for i, local in enumerate(batches):
     batch = distributed.global_batch(local, mesh)
     out = sampling.sample(model, batch["prompt_tokens"], batch["prompt_mask"],
@@ -139,6 +142,13 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
       finished[problem, sample] = bool(done[row])
       if len(examples) < 4:
         examples.append((record["prompt"], text, record["answer"], ok))
+    if bar is not None:
+      bar.set_postfix_str(f"{correct.sum()}/{num * n} correct so far", refresh=False)
+      bar.update(1)
+      if i == 0:
+        progress.compiled(bar)
+  if bar is not None:
+    bar.close()
   arrays = (correct, lengths, entropy_sums, finished)
   results = summarise(*arrays, pass_k)
   groups = collections.defaultdict(list)

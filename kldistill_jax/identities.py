@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kldistill_jax import losses
+from kldistill_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ class TabularModel:
   @classmethod
   def build(cls, vocab_size, length):
     if vocab_size ** length > 4096:
-      raise ValueError(f"vocab_size**length = {vocab_size ** length} sequences is too many to enumerate")
+      raise UserError(f"vocab_size**length = {vocab_size ** length} sequences is too many to enumerate")
     sequences = np.array(list(itertools.product(range(vocab_size), repeat=length)), np.int32)
     offsets = np.cumsum([0] + [vocab_size ** t for t in range(length)])  # rows before prefixes of length t
     prefix_ids = np.zeros_like(sequences)

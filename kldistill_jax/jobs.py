@@ -6,6 +6,7 @@ import jax
 from absl import logging
 
 from kldistill_jax import errors, identities
+from kldistill_jax.errors import UserError
 from kldistill_jax.train import distributed, preemption, runner, study
 
 
@@ -28,7 +29,7 @@ JOBS = {"identities": run_identities, "distill": runner.run_distill, "grpo": run
 
 def run(config, workdir=None):
   if config.job not in JOBS:
-    raise ValueError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+    raise UserError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
   if "distributed" in config:
     distributed.initialize(config)  # before any other JAX call
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kldistill_jax import losses
+from kldistill_jax.errors import UserError
 from kldistill_jax.losses import _checks
 from kldistill_jax.losses.chunking import reduce_positions
 
@@ -73,14 +74,14 @@ class Objective:
   def __post_init__(self):
     for field, allowed in (("prefix", PREFIXES), ("kl", KLS), ("estimator", ESTIMATORS)):
       if getattr(self, field) not in allowed:
-        raise ValueError(f"objective.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        raise UserError(f"objective.{field} must be one of {allowed}, got {getattr(self, field)!r}")
     if self.kl == "mixed":
       if self.lam is None:
-        raise ValueError("objective.lam is required when objective.kl='mixed' (weight of the reverse KL)")
+        raise UserError("objective.lam is required when objective.kl='mixed' (weight of the reverse KL)")
       _checks.check_in_range("objective.lam", self.lam, 0.0, 1.0)
     elif self.lam is not None:
-      raise ValueError(f"objective.lam={self.lam} is set but objective.kl={self.kl!r}; lam is only "
-                       "used with kl='mixed'")
+      raise UserError(f"objective.lam={self.lam} is set but objective.kl={self.kl!r}; lam is only "
+                      "used with kl='mixed'")
     _checks.check_temperature(self.temperature)
     _checks.check_in_range("objective.discount", self.discount, 0.0, 1.0)
     _checks.check_chunk_size(self.chunk_size)
@@ -88,18 +89,18 @@ class Objective:
       _checks.check_in_range("objective.clip", self.clip, 0.0, float("inf"), low_open=True)
     if self.estimator == "exact":
       if self.discount != 0.0 or self.clip is not None:
-        raise ValueError("objective.discount and objective.clip only apply to estimator='sampled'")
+        raise UserError("objective.discount and objective.clip only apply to estimator='sampled'")
       return
     if self.prefix == "dataset":
-      raise ValueError("objective.estimator='sampled' needs tokens drawn by a known policy; with "
-                       "prefix='dataset' use estimator='exact'")
+      raise UserError("objective.estimator='sampled' needs tokens drawn by a known policy; with "
+                      "prefix='dataset' use estimator='exact'")
     if self.prefix == "student" and self.kl != "reverse":
-      raise ValueError(f"objective.kl={self.kl!r} with estimator='sampled' needs teacher samples "
-                       "(the forward KL is an expectation under p_T); use prefix='teacher' or "
-                       "estimator='exact'")
+      raise UserError(f"objective.kl={self.kl!r} with estimator='sampled' needs teacher samples "
+                      "(the forward KL is an expectation under p_T); use prefix='teacher' or "
+                      "estimator='exact'")
     if self.prefix == "student" and self.clip is not None:
-      raise ValueError("objective.clip truncates importance weights, which on-policy (student) "
-                       "prefixes do not have")
+      raise UserError("objective.clip truncates importance weights, which on-policy (student) "
+                      "prefixes do not have")
 
   @property
   def reverse_weight(self) -> float:

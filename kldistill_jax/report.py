@@ -15,6 +15,7 @@ import json
 import math
 import pathlib
 
+from kldistill_jax.errors import MissingFileError
 from kldistill_jax.train import study as study_lib
 from kldistill_jax.train.metrics import read_metrics
 
@@ -67,8 +68,8 @@ def load(workdir) -> Study:
   for name in runs:
     path = workdir / "runs" / name / "results.json"
     if not path.is_file():
-      raise FileNotFoundError(f"{path}: run {name!r} of the study has no results yet; rerun the study to "
-                              "finish it")
+      raise MissingFileError(f"{path}: run {name!r} of the study has no results yet; rerun the study to "
+                             "finish it")
     results[name] = json.loads(path.read_text())
     teacher = teacher or results[name].get("teacher")
   for e in entries:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kldistill_jax.errors import UserError
 from kldistill_jax.losses.chunking import map_position_chunks
 from kldistill_jax.losses.divergences import entropy_from_log_probs
 from kldistill_jax.models import sharding
@@ -35,13 +36,13 @@ class SamplerSettings:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+      raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+      raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
     if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+      raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @jax.tree_util.register_dataclass

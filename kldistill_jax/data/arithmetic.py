@@ -21,6 +21,8 @@ import zlib
 
 import numpy as np
 
+from kldistill_jax.errors import UserError
+
 # Hash buckets (crc32 of the sorted terms mod 10) of each split.
 SPLITS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 _PROMPT = re.compile(r"^(\d+(?:\+\d+)+)=$")
@@ -40,7 +42,7 @@ def problem_prompt(terms) -> str:
 def parse_prompt(prompt: str) -> list[int]:
   match = _PROMPT.match(prompt)
   if not match:
-    raise ValueError(f"not an arithmetic prompt (expected e.g. '3+5+2='): {prompt!r}")
+    raise UserError(f"not an arithmetic prompt (expected e.g. '3+5+2='): {prompt!r}")
   return [int(t) for t in match.group(1).split("+")]
 
 
@@ -103,9 +105,9 @@ class ArithmeticTask:
 
   def __init__(self, num_examples: int, difficulties=(2, 3, 4, 5), seed: int = 0, split: str = "train"):
     if split not in SPLITS:
-      raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+      raise UserError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     if not difficulties or any(not 2 <= d <= 9 for d in difficulties):
-      raise ValueError(f"difficulties must be term counts in 2..9, got {difficulties!r}")
+      raise UserError(f"difficulties must be term counts in 2..9, got {difficulties!r}")
     self.num_examples = int(num_examples)
     self.difficulties = tuple(int(d) for d in difficulties)
     self.seed = int(seed)

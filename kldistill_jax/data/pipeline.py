@@ -22,18 +22,19 @@ import grain
 import numpy as np
 
 from kldistill_jax.data.templates import format_prompt
+from kldistill_jax.errors import UserError
 
 
 def _too_long(index, what, length, field, limit):
-  return ValueError(f"record {index}: {what} is {length} tokens, longer than {field}={limit} "
-                    f"(raise {field}; nothing is truncated)")
+  return UserError(f"record {index}: {what} is {length} tokens, longer than {field}={limit} "
+                   f"(raise {field}; nothing is truncated)")
 
 
 def encode_prompt(record, tokenizer, template, prompt_len, index=-1) -> dict:
   """prompt_tokens / prompt_mask [P] (left-padded) and index of one record."""
   ids = tokenizer.encode(format_prompt(record["prompt"], template, tokenizer))
   if not ids:
-    raise ValueError(f"record {index}: empty prompt (the last prompt token predicts the response)")
+    raise UserError(f"record {index}: empty prompt (the last prompt token predicts the response)")
   if len(ids) > prompt_len:
     raise _too_long(index, "the prompt", len(ids), "data.prompt_len", prompt_len)
   tokens = np.full(prompt_len, tokenizer.pad_id, np.int32)
@@ -79,7 +80,7 @@ def make_dataset(source, tokenizer, *, template, prompt_len, response_len, batch
   """
   _check_processes(batch_size, process_index, process_count)
   if len(source) == 0:
-    raise ValueError("the data source is empty")
+    raise UserError("the data source is empty")
   encode = functools.partial(_encode_at, num_records=len(source), tokenizer=tokenizer,
                              template=template, prompt_len=prompt_len, response_len=response_len)
   dataset = grain.MapDataset.source(source).map_with_index(encode)
@@ -89,8 +90,8 @@ def make_dataset(source, tokenizer, *, template, prompt_len, response_len, batch
   # Local batch j holds global batch j // process_count, rows of process j % process_count.
   usable = len(dataset) // process_count * process_count
   if usable == 0:
-    raise ValueError(f"{len(source)} records x {num_epochs} epochs make no global batch of "
-                     f"{batch_size} x {process_count} processes")
+    raise UserError(f"{len(source)} records x {num_epochs} epochs make no global batch of "
+                    f"{batch_size} x {process_count} processes")
   return dataset[process_index:usable:process_count]
 
 
@@ -105,7 +106,7 @@ def eval_batches(source, tokenizer, *, template, prompt_len, batch_size, limit=N
   _check_processes(batch_size, process_index, process_count)
   count = len(source) if limit is None else min(limit, len(source))
   if count < 1:
-    raise ValueError(f"no records to evaluate ({len(source)} in the source, limit={limit})")
+    raise UserError(f"no records to evaluate ({len(source)} in the source, limit={limit})")
   global_batch = batch_size * process_count
   batches = []
   for first in range(0, count, global_batch):  # every process gets the same number of batches

@@ -12,6 +12,8 @@ import math
 import pathlib
 import re
 
+from kldistill_jax.errors import UserError
+
 FORMATS = ("gsm8k", "math", "aime", "amc")
 
 
@@ -20,7 +22,7 @@ def gsm8k_answer(solution: str) -> str:
   _, marker, answer = solution.rpartition("####")
   answer = answer.strip().replace(",", "")
   if not marker or not answer:
-    raise ValueError("no '#### <answer>' in the solution")
+    raise UserError("no '#### <answer>' in the solution")
   return answer
 
 
@@ -28,20 +30,20 @@ def boxed_answer(solution: str) -> str:
   """The contents of the last \\boxed{...} in `solution` (nested braces allowed)."""
   start = solution.rfind("\\boxed{")
   if start < 0:
-    raise ValueError("no \\boxed{...} answer in the solution")
+    raise UserError("no \\boxed{...} answer in the solution")
   depth = 0
   for end in range(start + len("\\boxed"), len(solution)):
     depth += {"{": 1, "}": -1}.get(solution[end], 0)
     if depth == 0:
       return solution[start + len("\\boxed{"):end].strip()
-  raise ValueError("unbalanced braces in the last \\boxed{...}")
+  raise UserError("unbalanced braces in the last \\boxed{...}")
 
 
 def _field(row, key):
   if key not in row:
-    raise ValueError(f"missing key {key!r}")
+    raise UserError(f"missing key {key!r}")
   if not isinstance(row[key], str):
-    raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
+    raise UserError(f"{key!r} must be a string, got {type(row[key]).__name__}")
   return row[key]
 
 
@@ -61,36 +63,36 @@ def _key(row, *keys):
   for key in keys:
     if key in row:
       return key
-  raise ValueError(f"missing key {keys[0]!r}")
+  raise UserError(f"missing key {keys[0]!r}")
 
 
 def number_answer(value) -> str:
   """A JSON answer (int, float or str) as a string: integral floats lose their '.0' (142.0 -> '142'),
   other floats are plain decimals (0.5 -> '0.5', 1e-07 -> '0.0000001'), strings are stripped."""
   if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-    raise ValueError(f"the answer must be a number or a string, got {type(value).__name__}")
+    raise UserError(f"the answer must be a number or a string, got {type(value).__name__}")
   if isinstance(value, str):
     answer = value.strip()
   elif isinstance(value, int):
     answer = str(value)
   elif not math.isfinite(value):
-    raise ValueError(f"the answer must be finite, got {value}")
+    raise UserError(f"the answer must be finite, got {value}")
   elif value.is_integer():
     answer = str(int(value))
   else:
     answer = format(decimal.Decimal(repr(value)), "f")  # repr: the shortest round-tripping digits
   if not answer:
-    raise ValueError("empty answer")
+    raise UserError("empty answer")
   return answer
 
 
 def _competition_record(row, integer_answer):
   answer = number_answer(row[_key(row, "answer", "Answer")])
   if integer_answer and not re.fullmatch(r"-?[0-9]+", answer):
-    raise ValueError(f"an AIME answer is an integer, got {answer!r}")
+    raise UserError(f"an AIME answer is an integer, got {answer!r}")
   solution = row.get("solution", row.get("Solution"))
   if solution is not None and not isinstance(solution, str):
-    raise ValueError(f"'solution' must be a string, got {type(solution).__name__}")
+    raise UserError(f"'solution' must be a string, got {type(solution).__name__}")
   return dict(prompt=_field(row, _key(row, "problem", "Problem")), response=solution or "", answer=answer)
 
 
@@ -125,27 +127,27 @@ def read_jsonl(path, format: str) -> Records:  # pylint: disable=redefined-built
   except at the very end of the file (an editor's trailing newlines).
   """
   if format not in _PARSERS:
-    raise ValueError(f"unknown data format {format!r} (expected one of {', '.join(FORMATS)})")
+    raise UserError(f"unknown data format {format!r} (expected one of {', '.join(FORMATS)})")
   path = pathlib.Path(path)
   try:
     lines = path.read_text(encoding="utf-8").splitlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise ValueError(f"cannot read {path}: {e}") from e
+    raise UserError(f"cannot read {path}: {e}") from e
   while lines and not lines[-1].strip():
     lines.pop()
   if not lines:
-    raise ValueError(f"{path}: no records")
+    raise UserError(f"{path}: no records")
   records, origins = [], []
   for number, line in enumerate(lines, start=1):
     try:
       if not line.strip():
-        raise ValueError("blank line")
+        raise UserError("blank line")
       row = json.loads(line)
       if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        raise UserError(f"expected a JSON object, got {type(row).__name__}")
       records.append(_PARSERS[format](row))
     except ValueError as e:  # json.JSONDecodeError is a ValueError
-      raise ValueError(f"{path}:{number}: {format} record: {e}") from e
+      raise UserError(f"{path}:{number}: {format} record: {e}") from e
     origins.append(f"{path}:{number}")
   return Records(records, origins)
 
@@ -155,15 +157,15 @@ def read_benchmark(spec: str) -> list[dict]:
   each with `benchmark=name` (evaluation reports each benchmark as its own group)."""
   expected = '"name=format:path" with format one of ' + ", ".join(FORMATS)
   if not isinstance(spec, str):
-    raise ValueError(f"benchmark spec {spec!r} is not a string: expected {expected}")
+    raise UserError(f"benchmark spec {spec!r} is not a string: expected {expected}")
   name, eq, rest = spec.partition("=")
   fmt, colon, path = rest.partition(":")
   if not eq or not colon or not path:
-    raise ValueError(f"malformed benchmark spec {spec!r}: expected {expected}")
+    raise UserError(f"malformed benchmark spec {spec!r}: expected {expected}")
   if not name.strip():
-    raise ValueError(f"benchmark spec {spec!r} has an empty name: expected {expected}")
+    raise UserError(f"benchmark spec {spec!r} has an empty name: expected {expected}")
   if fmt not in FORMATS:
-    raise ValueError(f"benchmark spec {spec!r}: unknown format {fmt!r}: expected {expected}")
+    raise UserError(f"benchmark spec {spec!r}: unknown format {fmt!r}: expected {expected}")
   records = read_jsonl(path, fmt)
   return Records([dict(record, benchmark=name) for record in records], records.origins)
 
@@ -177,7 +179,7 @@ class TfdsSource:
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir)
     except Exception as e:  # tfds raises several types (not found, unknown split, not array_record)
-      raise ValueError(f"cannot open {self.description}: {e}") from e
+      raise UserError(f"cannot open {self.description}: {e}") from e
     self._keys = (prompt_key, response_key, answer_key)
 
   def __len__(self) -> int:
@@ -194,7 +196,7 @@ class TfdsSource:
       record = dict(prompt=_field(row, prompt_key), response=response)
       record["answer"] = _field(row, answer_key) if answer_key else _reference_answer(response)
     except ValueError as e:
-      raise ValueError(f"{self.origin(index)}: {e}") from e
+      raise UserError(f"{self.origin(index)}: {e}") from e
     return record
 
 

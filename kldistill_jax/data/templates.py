@@ -6,6 +6,8 @@
   chat   the tokenizer's chat template around one user message, with the generation prompt
 """
 
+from kldistill_jax.errors import UserError
+
 TEMPLATES = ("raw", "plain", "chat")
 
 
@@ -16,4 +18,4 @@ def format_prompt(record_prompt: str, template: str, tokenizer) -> str:
     return f"Question: {record_prompt}\nAnswer:\n"
   if template == "chat":
     return tokenizer.apply_chat_template([{"role": "user", "content": record_prompt}])
-  raise ValueError(f"unknown data.template {template!r} (expected one of {', '.join(TEMPLATES)})")
+  raise UserError(f"unknown data.template {template!r} (expected one of {', '.join(TEMPLATES)})")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import pathlib
 
+from kldistill_jax.errors import UserError
 from kldistill_jax.models import hf
 
 # Every character the built-in arithmetic task and the "plain" template ("Question: ...\nAnswer:\n")
@@ -38,8 +39,8 @@ class CharTokenizer:
     ids = []
     for position, char in enumerate(text):
       if char not in self._ids:
-        raise ValueError(f"character {char!r} at position {position} of {text[:80]!r} is not in the "
-                         f"{self.name} alphabet {CHAR_ALPHABET!r}")
+        raise UserError(f"character {char!r} at position {position} of {text[:80]!r} is not in the "
+                        f"{self.name} alphabet {CHAR_ALPHABET!r}")
       ids.append(self._ids[char])
     return ids
 
@@ -57,8 +58,8 @@ class CharTokenizer:
 
   def apply_chat_template(self, messages) -> str:
     del messages
-    raise ValueError(f"the {self.name} tokenizer has no chat template: set data.template to 'raw' or "
-                     "'plain'")
+    raise UserError(f"the {self.name} tokenizer has no chat template: set data.template to 'raw' or "
+                    "'plain'")
 
   def to_hf(self):
     """The same tokenizer as a `transformers` fast tokenizer (a `tokenizers` file, no custom code).
@@ -111,7 +112,7 @@ class HFTokenizer:
     self.tokenizer = hf.load_tokenizer(self.path)
     self.eos_id = self.tokenizer.eos_token_id
     if self.eos_id is None:
-      raise ValueError(f"tokenizer at {self.path} defines no eos_token")
+      raise UserError(f"tokenizer at {self.path} defines no eos_token")
     self.eos_ids = (self.eos_id,) + tuple(i for i in self._generation_eos_ids() if i != self.eos_id)
     pad = self.tokenizer.pad_token_id
     self.pad_id = self.eos_id if pad is None else pad
@@ -128,7 +129,7 @@ class HFTokenizer:
     try:
       ids = json.loads(file.read_text()).get("eos_token_id")
     except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read {file}: {e}") from e
+      raise UserError(f"cannot read {file}: {e}") from e
     if ids is None:
       return ()
     return tuple(ids) if isinstance(ids, list) else (ids,)
@@ -151,7 +152,7 @@ class HFTokenizer:
 
   def apply_chat_template(self, messages) -> str:
     if not self.tokenizer.chat_template:
-      raise ValueError(f"tokenizer at {self.path} has no chat template: set data.template to 'plain'")
+      raise UserError(f"tokenizer at {self.path} has no chat template: set data.template to 'plain'")
     return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
   def save_pretrained(self, directory):

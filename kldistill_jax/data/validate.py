@@ -22,6 +22,7 @@ from absl import logging
 from kldistill_jax.data.arithmetic import ArithmeticTask
 from kldistill_jax.data.sources import Records
 from kldistill_jax.data.templates import format_prompt
+from kldistill_jax.errors import UserError
 
 TOO_LONG = ("error", "skip")
 _CHUNK = 1024  # records tokenized per call: one pass in bounded memory
@@ -57,7 +58,7 @@ def _token_counts(texts, tokenizer, origins):
       try:
         tokenizer.encode(text)
       except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise UserError(f"{where}: {e}") from e
     raise
   return np.fromiter(map(len, ids), np.int64, len(texts))
 
@@ -67,7 +68,7 @@ def _measure(records, origins, tokenizer, template, with_response):
   prompts = _token_counts([format_prompt(r["prompt"], template, tokenizer) for r in records], tokenizer,
                           origins)
   for i in np.flatnonzero(prompts == 0):  # malformed, not too long: never skipped
-    raise ValueError(f"{origins[i]}: empty prompt (the last prompt token predicts the response)")
+    raise UserError(f"{origins[i]}: empty prompt (the last prompt token predicts the response)")
   if not with_response:
     return prompts, None
   return prompts, _token_counts([r["response"] for r in records], tokenizer, origins) + 1
@@ -91,8 +92,8 @@ def _check_task(task, tokenizer, template, prompt_len, response_len):
   prompts, responses = _measure([record], [where], tokenizer, template, response_len is not None)
   reason = _too_long(prompts[0], None if responses is None else responses[0], prompt_len, response_len)
   if reason:
-    raise ValueError(f"{where}: {reason}: raise the length or lower the difficulties (nothing is "
-                     "truncated; data.too_long='skip' does not apply to the generated task)")
+    raise UserError(f"{where}: {reason}: raise the length or lower the difficulties (nothing is "
+                    "truncated; data.too_long='skip' does not apply to the generated task)")
   return task
 
 
@@ -109,7 +110,7 @@ def check_lengths(source, tokenizer, *, template, prompt_len, response_len=None,
   longest record. An empty prompt or text the tokenizer cannot encode is an error in either mode.
   """
   if too_long not in TOO_LONG:
-    raise ValueError(f"data.too_long must be one of {', '.join(map(repr, TOO_LONG))}, got {too_long!r}")
+    raise UserError(f"data.too_long must be one of {', '.join(map(repr, TOO_LONG))}, got {too_long!r}")
   if isinstance(source, ArithmeticTask):
     return _check_task(source, tokenizer, template, prompt_len, response_len)
   count = len(source)
@@ -136,7 +137,7 @@ def check_lengths(source, tokenizer, *, template, prompt_len, response_len=None,
               f"{len(dropped)} of {count} {what} are too long; nothing is truncated: raise {fields}, or set "
               "data.too_long='skip' to drop them")
     which = "" if len(shown) == len(dropped) else f" (the first {len(shown)})"
-    raise ValueError(f"{advice}{which}:\n  " + "\n  ".join(shown))
+    raise UserError(f"{advice}{which}:\n  " + "\n  ".join(shown))
   totals = collections.Counter(_file_of(source, origin(source, i)) for i in range(count))
   skipped = collections.Counter(_file_of(source, origin(source, i)) for i in dropped)
   for file, n in skipped.items():

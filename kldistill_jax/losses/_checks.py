@@ -2,12 +2,16 @@
 
 Checks run at trace time on static shapes, and on hyper-parameters only when they are concrete Python or
 NumPy numbers (a traced `lam` from a schedule cannot be inspected without a host sync, so it is trusted).
+Hyper-parameter checks raise `errors.UserError` (a `ValueError` that `run.py` reports in one line: those
+values come from a config); shape checks raise `ValueError` (in a run, a wrong shape is a bug).
 """
 
 import numbers
 
 import jax
 import numpy as np
+
+from kldistill_jax.errors import UserError
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -53,7 +57,7 @@ def check_same_shape(name, array, reference_name, reference):
 def check_temperature(temperature):
   value = _concrete(temperature)
   if value is not None and not value > 0:
-    raise ValueError(f"temperature must be > 0, got {value}")
+    raise UserError(f"temperature must be > 0, got {value}")
 
 
 def check_in_range(name, value, low, high, *, low_open=False, high_open=False):
@@ -65,14 +69,14 @@ def check_in_range(name, value, low, high, *, low_open=False, high_open=False):
   above = v >= high if high_open else v > high
   if below or above or v != v:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {v}")
+    raise UserError(f"{name} must be in {lo}{low}, {high}{hi}, got {v}")
 
 
 def check_reduction(reduction, allowed=REDUCTIONS):
   if reduction not in allowed:
-    raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+    raise UserError(f"reduction must be one of {allowed}, got {reduction!r}")
 
 
 def check_chunk_size(chunk_size):
   if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    raise UserError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -57,13 +57,13 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+      raise UserError(f"family must be one of {FAMILIES}, got {self.family!r}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+      raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.attention not in ATTENTION:
       raise UserError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
     for name in ("param_dtype", "compute_dtype"):

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from kldistill_jax.errors import MissingFileError, UserError
 from kldistill_jax.models import rope, sharding
 from kldistill_jax.models.config import Llama3RopeScaling, ModelConfig
 from kldistill_jax.models.transformer import Transformer
@@ -48,7 +49,7 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers that old checkp
 def config_from_hf(hf_config: dict, *, source: str = CONFIG_FILE) -> ModelConfig:
   """A `ModelConfig` from a transformers config dict (4.x or 5.x layout); `source` names it in errors."""
   def fail(message):
-    raise ValueError(f"{source}: {message}")
+    raise UserError(f"{source}: {message}")
 
   architectures = hf_config.get("architectures") or []
   if architectures:
@@ -116,8 +117,8 @@ def config_to_hf(config: ModelConfig) -> dict:
   """The transformers 5 config dict (`AutoConfig`-loadable) of `config`."""
   expected = (config.family == "qwen3", config.family == "qwen2")
   if (config.qk_norm, config.qkv_bias) != expected:
-    raise ValueError(f"family {config.family!r} has qk_norm={expected[0]}, qkv_bias={expected[1]} in "
-                     f"transformers, got qk_norm={config.qk_norm}, qkv_bias={config.qkv_bias}")
+    raise UserError(f"family {config.family!r} has qk_norm={expected[0]}, qkv_bias={expected[1]} in "
+                    f"transformers, got qk_norm={config.qk_norm}, qkv_bias={config.qkv_bias}")
   rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
   if config.rope_scaling is not None:
     rope_parameters.update(rope_type="llama3", **{k: getattr(config.rope_scaling, k) for k in _LLAMA3_KEYS})
@@ -150,17 +151,17 @@ def read_config(path) -> ModelConfig:
   """The `ModelConfig` of the checkpoint directory `path`."""
   path = pathlib.Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f"checkpoint directory {path} does not exist (hf.load reads local directories "
-                            f"only; download hub checkpoints first)")
+    raise MissingFileError(f"checkpoint directory {path} does not exist (hf.load reads local directories "
+                           f"only; download hub checkpoints first)")
   config_file = path / CONFIG_FILE
   if not config_file.is_file():
-    raise FileNotFoundError(f"{config_file} not found: {path} is not a Hugging Face checkpoint directory")
+    raise MissingFileError(f"{config_file} not found: {path} is not a Hugging Face checkpoint directory")
   try:
     hf_config = json.loads(config_file.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"cannot read {config_file}: {e}") from e
+    raise UserError(f"cannot read {config_file}: {e}") from e
   if not isinstance(hf_config, dict):
-    raise ValueError(f"{config_file} does not hold a JSON object")
+    raise UserError(f"{config_file} does not hold a JSON object")
   return config_from_hf(hf_config, source=str(config_file))
 
 
@@ -195,13 +196,13 @@ class _Checkpoint:
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
       except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the weight_map of {index}: {e!r}") from e
+        raise UserError(f"cannot read the weight_map of {index}: {e!r}") from e
       files = [path / name for name in sorted(set(weight_map.values()))]
       for file in files:
         if not file.is_file():
-          raise FileNotFoundError(f"{file}, listed in {index}, does not exist")
+          raise MissingFileError(f"{file}, listed in {index}, does not exist")
     else:
-      raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+      raise MissingFileError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
     self.description = str(single if single.is_file() else index)
     self.file_of, self._handles = {}, {}
     for file in files:
@@ -272,19 +273,19 @@ def _check_names_and_shapes(checkpoint, config, flat, config_file):
       expected[name] = tuple(var.shape[::-1] if transpose else var.shape)
   missing = [name for name in expected if name not in checkpoint.file_of]
   if missing:
-    raise ValueError(f"checkpoint {checkpoint.description} lacks {len(missing)} tensor(s) that {config_file} "
-                     f"implies: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    raise UserError(f"checkpoint {checkpoint.description} lacks {len(missing)} tensor(s) that {config_file} "
+                    f"implies: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
   def ignorable(name):  # tied checkpoints may still carry the (unused) head, as transformers ignores it
     return _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings)
   extra = sorted(name for name in checkpoint.file_of if name not in expected and not ignorable(name))
   if extra:
     listed = ", ".join(f"{name} (in {checkpoint.file_of[name]})" for name in extra[:8])
-    raise ValueError(f"{len(extra)} unexpected tensor(s) that {config_file} does not imply: {listed}"
-                     f"{' ...' if len(extra) > 8 else ''}")
+    raise UserError(f"{len(extra)} unexpected tensor(s) that {config_file} does not imply: {listed}"
+                    f"{' ...' if len(extra) > 8 else ''}")
   for name, shape in expected.items():
     if checkpoint.shape(name) != shape:
-      raise ValueError(f"tensor {name!r} in {checkpoint.file_of[name]} has shape {checkpoint.shape(name)}, "
-                       f"but {config_file} implies {shape}")
+      raise UserError(f"tensor {name!r} in {checkpoint.file_of[name]} has shape {checkpoint.shape(name)}, "
+                      f"but {config_file} implies {shape}")
 
 
 def _to_host(array):
@@ -325,7 +326,7 @@ def save(model: Transformer, path, *, dtype=None, tokenizer=None, generation=Non
   generation_json = generation_config(**ids, **(generation or {})) if tokenizer is not None or generation else None
   config = model.config if dtype is None else model.config.replace(param_dtype=jnp.dtype(dtype).name)
   if config.param_dtype not in _SAFETENSORS_DTYPES:
-    raise ValueError(f"cannot save parameters as {config.param_dtype} (supported: {', '.join(_DTYPES)})")
+    raise UserError(f"cannot save parameters as {config.param_dtype} (supported: {', '.join(_DTYPES)})")
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   params = sorted((*_hf_name(keypath), var) for keypath, var in flat)
   writer = jax.process_index() == 0
@@ -354,9 +355,9 @@ def generation_config(*, eos_token_id=None, pad_token_id=None, bos_token_id=None
   false); top_k 0 and top_p 1 are off (written as such: transformers' own default is top_k 50); None leaves
   a setting to the loader's default. eos_token_id: an id or a list (every id that ends a turn)."""
   if temperature is not None and temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+    raise UserError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0 or top_k < 0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    raise UserError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
   out = {}
   for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
                      ("pad_token_id", pad_token_id), ("max_new_tokens", max_new_tokens)):
@@ -377,7 +378,7 @@ def _special_ids(tokenizer) -> dict:
     eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
     pad = eos if pad is None else pad
   if eos is None or eos == []:
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} defines no EOS token: exports need one")
+    raise UserError(f"tokenizer {type(tokenizer).__name__} defines no EOS token: exports need one")
   return dict(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
 
 
@@ -385,11 +386,11 @@ def load_tokenizer(path):
   """`transformers.AutoTokenizer` of a local checkpoint directory (chat template included)."""
   path = pathlib.Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f"tokenizer directory {path} does not exist (local directories only)")
+    raise MissingFileError(f"tokenizer directory {path} does not exist (local directories only)")
   if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-    raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer_config.json")
+    raise MissingFileError(f"{path} has neither tokenizer.json nor tokenizer_config.json")
   import transformers  # pylint: disable=g-import-not-at-top  (only tokenizers need it)
   try:
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   except (OSError, ValueError) as e:
-    raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+    raise UserError(f"cannot load a tokenizer from {path}: {e}") from e

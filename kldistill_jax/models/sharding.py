@@ -12,6 +12,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kldistill_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,8 +32,8 @@ def make_mesh(data=1, fsdp=1, tensor=1, devices=None):
   """A ('data', 'fsdp', 'tensor') mesh with automatic (GSPMD) axis types."""
   devices = jax.devices() if devices is None else devices
   if data * fsdp * tensor != len(devices):
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
-                     f"devices, but {len(devices)} are available")
+    raise UserError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+                    f"devices, but {len(devices)} are available")
   return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -22,6 +22,8 @@ import dataclasses
 import math
 import numbers
 
+from kldistill_jax.errors import UserError
+
 ADVANCE, COMPLETE, FALL_BACK, HELD = "advance", "complete", "fall_back", "held"
 
 
@@ -39,13 +41,13 @@ class CurriculumConfig:
   def __post_init__(self):
     lengths = tuple(self.lengths)
     if not lengths or not all(_is_int(n) and n > 0 for n in lengths):
-      raise ValueError(f"curriculum.lengths must be a non-empty tuple of positive ints, got {self.lengths!r}")
+      raise UserError(f"curriculum.lengths must be a non-empty tuple of positive ints, got {self.lengths!r}")
     if any(a >= b for a, b in zip(lengths, lengths[1:])):
-      raise ValueError(f"curriculum.lengths must be strictly increasing, got {lengths}")
+      raise UserError(f"curriculum.lengths must be strictly increasing, got {lengths}")
     if not _is_int(self.stage_steps) or self.stage_steps < 1:
-      raise ValueError(f"curriculum.stage_steps must be an int >= 1, got {self.stage_steps!r}")
+      raise UserError(f"curriculum.stage_steps must be an int >= 1, got {self.stage_steps!r}")
     if not isinstance(self.h_min, numbers.Real) or not self.h_min >= 0 or math.isinf(self.h_min):
-      raise ValueError(f"curriculum.h_min must be a finite number >= 0, got {self.h_min!r}")
+      raise UserError(f"curriculum.h_min must be a finite number >= 0, got {self.h_min!r}")
     # A frozen dataclass normalises through object.__setattr__; a list from a config becomes a tuple.
     object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
     object.__setattr__(self, "stage_steps", int(self.stage_steps))

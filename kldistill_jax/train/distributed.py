@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from kldistill_jax.errors import UserError
 from kldistill_jax.models import sharding
 
 
@@ -21,13 +22,13 @@ def initialize(config):
     jax.distributed.initialize()
   elif d.mode == "explicit":
     if not d.coordinator_address or d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
-      raise ValueError("distributed.mode='explicit' needs distributed.coordinator_address (host:port), "
-                       "distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes, got "
-                       f"{d.coordinator_address!r}, {d.num_processes}, {d.process_id}")
+      raise UserError("distributed.mode='explicit' needs distributed.coordinator_address (host:port), "
+                      "distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes, got "
+                      f"{d.coordinator_address!r}, {d.num_processes}, {d.process_id}")
     jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                process_id=d.process_id)
   else:
-    raise ValueError(f"distributed.mode must be 'off', 'auto' or 'explicit', got {d.mode!r}")
+    raise UserError(f"distributed.mode must be 'off', 'auto' or 'explicit', got {d.mode!r}")
 
 
 def global_batch(local_batch, mesh):

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from kldistill_jax import data as data_lib
+from kldistill_jax import data as data_lib, progress
 from kldistill_jax.errors import Preempted
 from kldistill_jax.train import curriculum, distributed, flops, prefixes, preemption, trajectories
 from kldistill_jax.train.checkpointing import Checkpointer
@@ -30,16 +30,6 @@ from kldistill_jax.models import sharding
 
 class NonFiniteLossError(RuntimeError):
   """Training stopped on a NaN/inf metric; the last good checkpoint is kept."""
-
-
-def _progress(total, initial, desc):
-  if jax.process_index() != 0:
-    return None
-  try:
-    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
 def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
@@ -155,7 +145,7 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
                     workdir)
   writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
   base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
-  bar = _progress(config.steps, start, desc)
+  bar = progress.bar(config.steps, desc, initial=start)  # "compiling..." until the first step is done
   try:
     for step in range(start, config.steps):
       began = time.perf_counter()
@@ -183,6 +173,8 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
       if bar is not None:
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in postfix if k in metrics}, refresh=False)
         bar.update(1)
+        if step == start:
+          progress.compiled(bar)  # rate and ETA from here on exclude the compilation
       if stop and not last:
         checkpointer.wait()
         raise Preempted(f"{desc}: stopped on {signal.Signals(stop).name} after step {step + 1} of "

@@ -7,6 +7,7 @@ import copy
 import pathlib
 
 from kldistill_jax import objectives
+from kldistill_jax.errors import UserError
 
 ASSETS = pathlib.Path(__file__).resolve().parents[2] / "assets"
 ARITHMETIC_TEACHER = ASSETS / "arithmetic_teacher"
@@ -65,7 +66,7 @@ def apply_arg(c, arg, presets):
   if arg is None or arg == "":
     return c
   if arg not in presets:
-    raise ValueError(f"unknown preset {arg!r}; known: {', '.join(sorted(presets))}")
+    raise UserError(f"unknown preset {arg!r}; known: {', '.join(sorted(presets))}")
   presets[arg](c)
   return c
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from kldistill_jax import objectives, sampling
+from kldistill_jax.errors import UserError
 from kldistill_jax.train import distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
 from kldistill_jax.train.state import Split, split
@@ -94,19 +95,19 @@ def rewards_of(tokens, completion_mask, index, *, prompt_len, records, tokenizer
 def check_settings(config):
   g = config.grpo
   if g.group_size < 2:
-    raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group), got {g.group_size}")
+    raise UserError(f"grpo.group_size must be >= 2 (advantages are relative to the group), got {g.group_size}")
   if g.updates_per_batch < 1:
-    raise ValueError(f"grpo.updates_per_batch must be >= 1, got {g.updates_per_batch}")
+    raise UserError(f"grpo.updates_per_batch must be >= 1, got {g.updates_per_batch}")
   if not 0.0 < g.clip_eps < 1.0:
-    raise ValueError(f"grpo.clip_eps must be in (0, 1), got {g.clip_eps}")
+    raise UserError(f"grpo.clip_eps must be in (0, 1), got {g.clip_eps}")
   if g.kl_coef < 0:
-    raise ValueError(f"grpo.kl_coef must be >= 0, got {g.kl_coef}")
+    raise UserError(f"grpo.kl_coef must be >= 0, got {g.kl_coef}")
   s = config.sampling
   if s.temperature <= 0:
-    raise ValueError(f"sampling.temperature must be > 0 for GRPO rollouts, got {s.temperature}")
+    raise UserError(f"sampling.temperature must be > 0 for GRPO rollouts, got {s.temperature}")
   if s.top_k or s.top_p < 1.0:
-    raise ValueError(f"GRPO needs untruncated sampling (sampling.top_k=0, sampling.top_p=1.0), got top_k="
-                     f"{s.top_k}, top_p={s.top_p}: the policy's log-probs would not be the sampler's")
+    raise UserError(f"GRPO needs untruncated sampling (sampling.top_k=0, sampling.top_p=1.0), got top_k="
+                    f"{s.top_k}, top_p={s.top_p}: the policy's log-probs would not be the sampler's")
 
 
 def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, check, desc="grpo"):

@@ -54,9 +54,10 @@ def _cached_or_fitted(config, section, field, workdir, *, steps, learning_rate, 
   return model
 
 
-def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
+def _evaluate(config, model, tokenizer, records, mesh, check, desc="eval", **overrides):
   """evaluation.evaluate with the config's eval settings (`overrides` replace them); its "flops": what its
-  sampler calls computed (each over the whole global batch, padding rows included)."""
+  sampler calls computed (each over the whole global batch, padding rows included). desc: its progress
+  bar's label."""
   e = config.eval
   settings = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                   samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k),
@@ -65,7 +66,7 @@ def _evaluate(config, model, tokenizer, records, mesh, check, **overrides):
   local_batch = e.batch_size // jax.process_count()
   result = evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
                                prompt_len=config.data.prompt_len, batch_size=local_batch,
-                               rng=jax.random.key(e.seed), mesh=mesh, **settings)
+                               rng=jax.random.key(e.seed), mesh=mesh, desc=desc, **settings)
   result["flops"] = sum(flops.generation_flops(model.config, local_batch * jax.process_count(),
                                                config.data.prompt_len, settings["max_new_tokens"],
                                                decode_steps=steps)
@@ -87,7 +88,7 @@ def _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, che
       logging.warning("%s: evaluation reused from %s", name, path)
       return stored["result"]
   preemption.raise_if_requested(f"before evaluating the {name}")
-  result = _evaluate(config, model, tokenizer, records, mesh, check)
+  result = _evaluate(config, model, tokenizer, records, mesh, check, desc=f"eval: {name}")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
@@ -96,16 +97,16 @@ def _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, che
   return result
 
 
-def _probe(config, tokenizer, records, mesh, check, problems):
+def _probe(config, tokenizer, records, mesh, check, problems, label):
   """(model, length) -> evaluation of the model's own samples (training temperature and truncation) on the
   first `problems` held-out prompts: the curriculum's H and the probe curves over training."""
   subset = [records[i] for i in range(min(problems, len(records)))]
   s = config.sampling
 
   def measure(model, length):
-    return _evaluate(config, model, tokenizer, subset, mesh, check, max_new_tokens=length,
-                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, samples_per_prompt=1,
-                     pass_k=(1,))
+    return _evaluate(config, model, tokenizer, subset, mesh, check, desc=f"{label} (length {length})",
+                     max_new_tokens=length, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                     samples_per_prompt=1, pass_k=(1,))
   return measure
 
 
@@ -133,8 +134,22 @@ def _data(config):
           setup.answer_check(config))
 
 
-def _write_results(workdir, results, meta, examples_of):
-  """results.json (metrics without examples, FLOPs, curriculum), the table and examples on stdout."""
+def written(workdir, export) -> str:
+  """What a run left in `workdir` for its user, one line each (the paths that exist): the `export`
+  directory (a Hugging Face checkpoint), results.json, metrics.jsonl, the TensorBoard directory."""
+  workdir = pathlib.Path(workdir)
+  entries = ((f"{export} export", workdir / export, "Hugging Face checkpoint: hf.load or transformers"),
+             ("results", workdir / "results.json", ""), ("metrics", workdir / "metrics.jsonl", "one JSON line per log"),
+             ("TensorBoard", workdir / "tensorboard", f"tensorboard --logdir {workdir / 'tensorboard'}"))
+  entries = [(name, path, note) for name, path, note in entries if path.exists()]
+  width = max((len(name) for name, _, _ in entries), default=0)
+  return "\n".join([f"wrote (workdir {workdir}):"] + [f"  {name:<{width}}  {path}" + (f"  ({note})" if note else "")
+                                                     for name, path, note in entries])
+
+
+def _write_results(workdir, results, meta, examples_of, export):
+  """results.json (metrics without examples, FLOPs, curriculum), the table and examples on stdout, then
+  what the run wrote (`written`)."""
   summary = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
   # Per phase, and the student / teacher totals; the evaluations before and after training (stored ones
   # from an older version may lack "flops") join the probes' in the eval phase.
@@ -150,7 +165,7 @@ def _write_results(workdir, results, meta, examples_of):
           f"evaluation FLOPs {summary['flops']['eval_flops']:.3e}")
     for prompt, text, answer, ok in results[examples_of]["examples"]:
       print(f"  {prompt} -> {text!r} (answer {answer}, {'correct' if ok else 'wrong'})")
-  logging.info("results in %s", workdir / "results.json")
+    print("\n" + written(workdir, export))
   return summary
 
 
@@ -180,8 +195,9 @@ def run_distill(config, workdir):
       preemption.raise_if_requested("before building the teacher trajectory cache")
       cache = workdir / "trajectories"
       cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
-    curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems)
-    probe = _probe(config, tokenizer, eval_records, mesh, check, config.eval.probe_problems)
+    curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems,
+                              "curriculum: entropy")
+    probe = _probe(config, tokenizer, eval_records, mesh, check, config.eval.probe_problems, "probe")
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
@@ -193,7 +209,7 @@ def run_distill(config, workdir):
             generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
     results["student after"] = _evaluate_stored(config, workdir, "student after", student, tokenizer,
                                                 eval_records, mesh, check)
-  return _write_results(workdir, results, meta, "student after")
+  return _write_results(workdir, results, meta, "student after", "student")
 
 
 @workdir_lib.owned
@@ -225,7 +241,7 @@ def run_grpo(config, workdir):
             generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
     results["policy after"] = _evaluate_stored(config, workdir, "policy after", policy, tokenizer,
                                                eval_records, mesh, check)
-  return _write_results(workdir, results, meta, "policy after")
+  return _write_results(workdir, results, meta, "policy after", "policy")
 
 
 @workdir_lib.owned
@@ -239,7 +255,8 @@ def run_pretrain(config, workdir):
     model = _fit_to_data(config, workdir, model, steps=config.steps,
                          learning_rate=config.optimizer.learning_rate, tokenizer=tokenizer, source=source,
                          mesh=mesh, desc="fit to data")
-    result = _evaluate(config, model, tokenizer, eval_records, mesh, check)
+    result = _evaluate(config, model, tokenizer, eval_records, mesh, check, desc="eval: model")
   if jax.process_index() == 0:
     print("\n" + format_table({"model": result}))
+    print("\n" + written(workdir, "model"))
   return result

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from kldistill_jax import data, objectives
+from kldistill_jax.errors import MissingFileError, UnreadableFileError, UserError
 from kldistill_jax.models import ModelConfig, hf, sharding
 from kldistill_jax.train import curriculum
 
@@ -21,11 +22,11 @@ def make_mesh(config):
   data_size = m.data
   if data_size == -1:
     if count % (m.fsdp * m.tensor):
-      raise ValueError(f"mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} does not divide the {count} devices")
+      raise UserError(f"mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} does not divide the {count} devices")
     data_size = count // (m.fsdp * m.tensor)
   if data_size < 1 or m.fsdp < 1 or m.tensor < 1 or data_size * m.fsdp * m.tensor != count:
-    raise ValueError(f"mesh.data={m.data} x mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} must multiply to "
-                     f"the {count} devices (use mesh.data=-1 to fill)")
+    raise UserError(f"mesh.data={m.data} x mesh.fsdp={m.fsdp} x mesh.tensor={m.tensor} must multiply to "
+                    f"the {count} devices (use mesh.data=-1 to fill)")
   return sharding.make_mesh(data_size, m.fsdp, m.tensor)
 
 
@@ -39,23 +40,23 @@ def make_objective(config):
 def check_teacher_cache(config, objective):
   if not config.teacher_cache.enabled:
     if config.teacher_cache.top_k:
-      raise ValueError(f"teacher_cache.top_k={config.teacher_cache.top_k} needs teacher_cache.enabled=True")
+      raise UserError(f"teacher_cache.top_k={config.teacher_cache.top_k} needs teacher_cache.enabled=True")
     return
   if objective.prefix != "teacher":
-    raise ValueError(f"teacher_cache.enabled needs objective.prefix='teacher', got {objective.prefix!r}")
+    raise UserError(f"teacher_cache.enabled needs objective.prefix='teacher', got {objective.prefix!r}")
   if objective.estimator == "sampled" and objective.temperature != 1.0:
-    raise ValueError("teacher_cache stores the teacher's log-probs at temperature 1; the sampled estimator "
-                     f"with objective.temperature={objective.temperature} would need them tempered")
+    raise UserError("teacher_cache stores the teacher's log-probs at temperature 1; the sampled estimator "
+                    f"with objective.temperature={objective.temperature} would need them tempered")
   top_k = config.teacher_cache.top_k
   if top_k < 0:
-    raise ValueError(f"teacher_cache.top_k must be >= 0 (0 = off), got {top_k}")
+    raise UserError(f"teacher_cache.top_k must be >= 0 (0 = off), got {top_k}")
   if top_k and (objective.kl, objective.estimator) != ("forward", "exact"):
-    raise ValueError(f"teacher_cache.top_k={top_k} serves only the exact forward KL (objective.kl='forward', "
-                     f"objective.estimator='exact': the sft cell), got kl={objective.kl!r}, "
-                     f"estimator={objective.estimator!r}")
+    raise UserError(f"teacher_cache.top_k={top_k} serves only the exact forward KL (objective.kl='forward', "
+                    f"objective.estimator='exact': the sft cell), got kl={objective.kl!r}, "
+                    f"estimator={objective.estimator!r}")
   if top_k and objective.temperature != 1.0:
-    raise ValueError(f"teacher_cache.top_k={top_k} stores the teacher's log-probs at temperature 1; "
-                     f"objective.temperature={objective.temperature} would need them tempered")
+    raise UserError(f"teacher_cache.top_k={top_k} stores the teacher's log-probs at temperature 1; "
+                    f"objective.temperature={objective.temperature} would need them tempered")
 
 
 def make_curriculum(config, objective):
@@ -64,10 +65,10 @@ def make_curriculum(config, objective):
   if not c.enabled:
     return None
   if objective.prefix == "dataset" or config.teacher_cache.enabled:
-    raise ValueError("curriculum.enabled changes the sampled training length: it needs sampled prefixes "
-                     "(objective.prefix 'student' or 'teacher' without teacher_cache)")
+    raise UserError("curriculum.enabled changes the sampled training length: it needs sampled prefixes "
+                    "(objective.prefix 'student' or 'teacher' without teacher_cache)")
   if c.eval_problems < 1:
-    raise ValueError(f"curriculum.eval_problems must be >= 1, got {c.eval_problems}")
+    raise UserError(f"curriculum.eval_problems must be >= 1, got {c.eval_problems}")
   return curriculum.CurriculumConfig(lengths=tuple(c.lengths), stage_steps=c.stage_steps, h_min=c.h_min)
 
 
@@ -99,12 +100,12 @@ def _read_source(config, split):
   if d.source in ("gsm8k", "math"):
     path = d.train_path if split == "train" else d.eval_path
     if not path:
-      raise ValueError(f"data.source={d.source!r} needs data.train_path and data.eval_path (JSONL files)")
+      raise UserError(f"data.source={d.source!r} needs data.train_path and data.eval_path (JSONL files)")
     return data.read_jsonl(path, d.source)
   if d.source == "tfds":
     return data.tfds_source(d.tfds_name, split if split == "train" else d.tfds_eval_split, d.tfds_data_dir,
                             d.prompt_key, d.response_key, d.answer_key or None)
-  raise ValueError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
+  raise UserError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
 
 
 def eval_records(config, tokenizer=None):
@@ -122,10 +123,10 @@ def _read_eval_records(config):
     try:
       benchmark = data.read_benchmark(spec)
     except ValueError as e:
-      raise ValueError(f"eval.benchmarks: {e}") from e
+      raise UserError(f"eval.benchmarks: {e}") from e
     name = benchmark[0]["benchmark"]
     if name in names:
-      raise ValueError(f"eval.benchmarks names {name!r} twice: each benchmark is its own group in results")
+      raise UserError(f"eval.benchmarks names {name!r} twice: each benchmark is its own group in results")
     names.add(name)
     records += benchmark
     origins += benchmark.origins
@@ -143,11 +144,11 @@ def answer_check(config):
 def check_checkpoint_dir(field, path):
   path = pathlib.Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f"{field}={str(path)!r}: checkpoint directory does not exist")
+    raise MissingFileError(f"{field}={str(path)!r}: checkpoint directory does not exist")
   if not os.access(path, os.R_OK | os.X_OK):
-    raise PermissionError(f"{field}={str(path)!r}: checkpoint directory is not readable")
+    raise UnreadableFileError(f"{field}={str(path)!r}: checkpoint directory is not readable")
   if not (path / hf.CONFIG_FILE).is_file():
-    raise FileNotFoundError(f"{field}={str(path)!r}: no {hf.CONFIG_FILE} in the checkpoint directory")
+    raise MissingFileError(f"{field}={str(path)!r}: no {hf.CONFIG_FILE} in the checkpoint directory")
 
 
 def inline_model_config(section, vocab_size, field):
@@ -155,7 +156,7 @@ def inline_model_config(section, vocab_size, field):
   values = section.model.to_dict()
   unknown = sorted(set(values) - set(MODEL_FIELDS))
   if unknown:
-    raise ValueError(f"{field}.model has unknown fields {unknown} (known: {', '.join(MODEL_FIELDS)})")
+    raise UserError(f"{field}.model has unknown fields {unknown} (known: {', '.join(MODEL_FIELDS)})")
   return ModelConfig(vocab_size=vocab_size, param_dtype=section.param_dtype,
                      compute_dtype=section.compute_dtype, remat=section.remat,
                      attention=section.attention, **values)
@@ -186,12 +187,12 @@ def load_model(section, field, vocab_size, mesh, seed, path=None):
 
 def check_vocabularies(teacher, student, tokenizer):
   if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
-    raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size} entries) and student vocabulary "
-                     f"({student.config.vocab_size} entries) differ: token-level KL needs one vocabulary")
+    raise UserError(f"teacher vocabulary ({teacher.config.vocab_size} entries) and student vocabulary "
+                    f"({student.config.vocab_size} entries) differ: token-level KL needs one vocabulary")
   for name, model in (("teacher", teacher), ("student", student)):
     if model is not None and tokenizer.vocab_size > model.config.vocab_size:
-      raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the {name} "
-                       f"vocabulary has {model.config.vocab_size}")
+      raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the {name} "
+                      f"vocabulary has {model.config.vocab_size}")
 
 
 def check_tokenizers(config):
@@ -202,6 +203,6 @@ def check_tokenizers(config):
     if path and any((pathlib.Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
       names[field] = data.HFTokenizer(path)
   if len(names) == 2 and names["teacher"].name != names["student"].name:
-    raise ValueError(f"teacher tokenizer {names['teacher'].name} ({names['teacher'].vocab_size} tokens, "
-                     f"{config.teacher.path}) and student tokenizer {names['student'].name} "
-                     f"({names['student'].vocab_size} tokens, {config.student.path}) differ")
+    raise UserError(f"teacher tokenizer {names['teacher'].name} ({names['teacher'].vocab_size} tokens, "
+                    f"{config.teacher.path}) and student tokenizer {names['student'].name} "
+                    f"({names['student'].vocab_size} tokens, {config.student.path}) differ")

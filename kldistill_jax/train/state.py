@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kldistill_jax.errors import UserError
 from kldistill_jax.models import sharding
 
 
@@ -50,10 +51,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   grad_clip) and `steps` for the decay horizon, passed as config.total_steps.
   """
   if config.schedule not in ("cosine", "constant"):
-    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {config.schedule!r}")
+    raise UserError(f"optimizer.schedule must be 'cosine' or 'constant', got {config.schedule!r}")
   if config.warmup_steps < 0 or config.learning_rate <= 0:
-    raise ValueError("optimizer.warmup_steps must be >= 0 and optimizer.learning_rate > 0, got "
-                     f"{config.warmup_steps} and {config.learning_rate}")
+    raise UserError("optimizer.warmup_steps must be >= 0 and optimizer.learning_rate > 0, got "
+                    f"{config.warmup_steps} and {config.learning_rate}")
   warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
   decay_steps = max(config.total_steps - config.warmup_steps, 1)
   after = (optax.cosine_decay_schedule(config.learning_rate, decay_steps, alpha=0.1)

@@ -20,6 +20,7 @@ import optax
 from jax import lax
 
 from kldistill_jax import objectives
+from kldistill_jax.errors import UserError
 from kldistill_jax.sampling import prompt_positions
 from kldistill_jax.train.state import TrainState
 
@@ -106,7 +107,7 @@ def build_train_step(*, student, objective, optimizer, micro_batches, state_shar
                      batch_sharding=None, fused=True):
   """jit(train_step) with the static parts bound, the state donated and (on a mesh) its shardings."""
   if micro_batches < 1:
-    raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    raise UserError(f"micro_batches must be >= 1, got {micro_batches}")
   step = functools.partial(train_step, student=student, objective=objective, optimizer=optimizer,
                            micro_batches=micro_batches, fused=fused)
   if state_shardings is None:

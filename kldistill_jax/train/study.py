@@ -18,6 +18,7 @@ import ml_collections
 from absl import logging
 
 from kldistill_jax import objectives
+from kldistill_jax.errors import UserError
 from kldistill_jax.train import presets, runner, workdir as workdir_lib
 
 GROUPS = ("cells", "mixing", "curriculum", "grpo")
@@ -77,25 +78,25 @@ def check(config):
   s = config.study
   unknown = [c for c in (*s.cells, s.curriculum_cell, *s.grpo_from) if c not in objectives.PRESETS]
   if unknown:
-    raise ValueError(f"study: unknown cell(s) {unknown}; known: {sorted(objectives.PRESETS)}")
+    raise UserError(f"study: unknown cell(s) {unknown}; known: {sorted(objectives.PRESETS)}")
   if s.estimator not in ("exact", "sampled", "preset"):
-    raise ValueError(f"study.estimator must be 'exact', 'sampled' or 'preset', got {s.estimator!r}")
+    raise UserError(f"study.estimator must be 'exact', 'sampled' or 'preset', got {s.estimator!r}")
   if len(s.lengths) != 2 or not 0 < s.lengths[0] < s.lengths[1]:
-    raise ValueError(f"study.lengths must be (short, long) with 0 < short < long, got {tuple(s.lengths)}")
+    raise UserError(f"study.lengths must be (short, long) with 0 < short < long, got {tuple(s.lengths)}")
   if any(not 0.0 <= lam <= 1.0 for lam in s.mixing_lams):
-    raise ValueError(f"study.mixing_lams must lie in [0, 1], got {tuple(s.mixing_lams)}")
+    raise UserError(f"study.mixing_lams must lie in [0, 1], got {tuple(s.mixing_lams)}")
   lengths = tuple(s.curriculum_lengths)
   if list(lengths) != sorted(set(lengths)) or lengths[-1] != s.lengths[1]:
-    raise ValueError(f"study.curriculum_lengths must increase strictly and end at the long length "
-                     f"{s.lengths[1]}, got {lengths}")
+    raise UserError(f"study.curriculum_lengths must increase strictly and end at the long length "
+                    f"{s.lengths[1]}, got {lengths}")
   if config.steps < len(lengths):
-    raise ValueError(f"steps={config.steps} leaves no step for each of the {len(lengths)} curriculum stages")
+    raise UserError(f"steps={config.steps} leaves no step for each of the {len(lengths)} curriculum stages")
   if s.lengths[1] > config.eval.max_new_tokens:
-    raise ValueError(f"study.lengths long {s.lengths[1]} > eval.max_new_tokens {config.eval.max_new_tokens}: "
-                     "the evaluation would truncate what training produced")
+    raise UserError(f"study.lengths long {s.lengths[1]} > eval.max_new_tokens {config.eval.max_new_tokens}: "
+                    "the evaluation would truncate what training produced")
   for cell in s.grpo_from:
     if cell not in s.cells:
-      raise ValueError(f"study.grpo_from names {cell!r}, which is not in study.cells {tuple(s.cells)}")
+      raise UserError(f"study.grpo_from names {cell!r}, which is not in study.cells {tuple(s.cells)}")
 
 
 def plan(config):
@@ -178,8 +179,23 @@ def run_study(config, workdir):
                                     "runs": {n: dataclasses.asdict(r) for n, r in runs.items()},
                                     "config": json.loads(config.to_json_best_effort())}, indent=2) + "\n")
   path = report.write_report(workdir)
-  print(f"\nreport: {path}")
+  print("\n" + written(workdir, path))
   return True
+
+
+def written(workdir, report_path) -> str:
+  """What the study left in `workdir` for its user: the report, its plots, the record of the plan and the
+  runs (each a workdir of its own: results.json, metrics.jsonl, tensorboard/, the exported student)."""
+  workdir = pathlib.Path(workdir)
+  plots = sorted((workdir / "plots").glob("*.png"))
+  runs = sorted(p.name for p in (workdir / "runs").iterdir() if p.is_dir()) if (workdir / "runs").is_dir() else []
+  lines = [f"wrote (workdir {workdir}):", f"  report  {report_path}"]
+  if plots:
+    lines.append(f"  plots   {workdir / 'plots'}: {', '.join(p.name for p in plots)}")
+  lines.append(f"  plan    {workdir / 'study.json'}")
+  if runs:
+    lines.append(f"  runs    {workdir / 'runs'}: {', '.join(runs)}")
+  return "\n".join(lines)
 
 
 def read_plan(workdir):
