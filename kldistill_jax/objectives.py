@@ -13,9 +13,12 @@ right-padded prompt sampled by `sampling.sample` leaves a padding gap before its
 Batch (a dict of arrays, all aligned with `tokens`, entry t describing token t):
   tokens            int [B, L]   prompt + response.
   loss_mask         [B, L]       1 where token t's prediction is trained (response tokens), else 0.
-  behavior_logprobs [B, L]       optional: log-prob of token t under the policy that sampled it (the
-                                 sampler's, temperature included); importance weights for sampled
-                                 estimators at teacher prefixes. Defaults to the teacher's log-probs.
+  behavior_logprobs [B, L]       optional: log-prob of token t under the distribution that drew it (the
+                                 sampler's, temperature included): the sampled reverse estimator weights
+                                 token t by q_θ / behavior at EITHER prefix source (at student prefixes
+                                 the sampler may run at another temperature than the one trained).
+                                 Absent: the teacher's log-probs at teacher prefixes; at student
+                                 prefixes the tokens are taken as draws of q_θ itself (weights 1).
   teacher_logprobs  [B, L]       optional: per-token teacher log-probs, used when `teacher_logits` is
                                  None (e.g. cached teacher trajectories) by the sampled estimator.
   teacher_topk_ids, teacher_topk_logprobs  int / float [B, L, k]   optional: the teacher's k most likely
@@ -55,11 +58,15 @@ class Objective:
     kl: token-level divergence: "forward" KL(p_T||q_θ), "reverse" KL(q_θ||p_T), "mixed" (see lam).
     lam: weight of the REVERSE KL when kl="mixed" (0 = forward, 1 = reverse); must be None otherwise.
     estimator: "exact" sums over the whole vocabulary at every prefix; "sampled" uses only the sampled
-      tokens (reverse: REINFORCE with dense reward log p_T - log q_θ, importance-weighted at teacher
-      prefixes; forward: cross-entropy on teacher samples, so only at teacher prefixes).
+      tokens (reverse: REINFORCE with dense reward log p_T - log q_θ, importance-weighted by
+      q_θ / behavior at either prefix source; forward: cross-entropy on teacher samples, so only at
+      teacher prefixes). With discount 0 and no clip, the sampled reverse gradient is unbiased for the
+      token-level reverse KL at each prefix the sampler visits (the prefix distribution is the
+      sampler's, as for the exact estimator) when the behaviour distribution puts mass on every token
+      q_θ does: no greedy, top-k or top-p sampler (`train.setup.make_objective` refuses those).
     temperature: divides student and teacher logits in the loss (sampling temperature is separate).
     discount: reward-to-go discount of the sampled reverse estimator (0 = per-token reward).
-    clip: upper truncation of importance weights (sampled estimator at teacher prefixes only).
+    clip: upper truncation of the importance weights of the sampled estimator (biased, lower variance).
     chunk_size: positions per chunk for the full-vocabulary computations (None = all at once).
   """
   prefix: str = "student"
@@ -98,9 +105,6 @@ class Objective:
       raise UserError(f"objective.kl={self.kl!r} with estimator='sampled' needs teacher samples "
                       "(the forward KL is an expectation under p_T); use prefix='teacher' or "
                       "estimator='exact'")
-    if self.prefix == "student" and self.clip is not None:
-      raise UserError("objective.clip truncates importance weights, which on-policy (student) "
-                      "prefixes do not have")
 
   @property
   def reverse_weight(self) -> float:
@@ -146,9 +150,9 @@ def align(batch, *logits):
 
 
 def _sampled_loss(objective, student_lp, teacher_lp, weights, extras, num_tokens):
-  behavior = None
-  if objective.prefix == "teacher":
-    behavior = extras.get("behavior_logprobs", teacher_lp)
+  # The tokens' own sampler, whatever the prefix source: at student prefixes it is q_θ at the sampling
+  # temperature (weights 1 up to rounding when that equals objective.temperature).
+  behavior = extras.get("behavior_logprobs", teacher_lp if objective.prefix == "teacher" else None)
   loss = 0.0
   if objective.reverse_weight > 0:
     loss += objective.reverse_weight * losses.reverse_kl_policy_gradient(

@@ -98,13 +98,39 @@ def bucket_length(length, minimum=16):
   return max(minimum, 1 << math.ceil(math.log2(max(length, 1))))
 
 
+def _draw(logp_BV, keys_B, step):
+  """int32 [B]: one token per row drawn from softmax(logp_BV) (row b with key fold_in(keys_B[b], step)).
+
+  Two-level Gumbel-max (`jax.random.categorical`): the vocabulary is cut into blocks of S >= sqrt(V)
+  tokens; a block is drawn from the block log-masses (logsumexp), then a token within it, so
+  P(token) = p(block) * p(token | block) exactly, and -inf (truncated) tokens are never drawn. Each level
+  uses the high-resolution Gumbel noise (mode="high": noise up to ~32 instead of ~16), so every token
+  whose log-prob relative to its level is above about -30 can be drawn. Why not the alternatives:
+  inverting a float32 cumsum over V can never draw the tail tokens below the sum's rounding step (at
+  V = 151,936 on LM-like logits, thousands of tokens and ~1e-4 of the mass); one flat Gumbel-max draws
+  V noise values per row and step, several times the cost of a small model's decode step on a CPU,
+  where the two levels draw about 2 sqrt(V).
+  """
+  b, v = logp_BV.shape
+  size = 1 << (max(v - 1, 1).bit_length() + 1) // 2
+  blocks = -(-v // size)
+  logp_BNS = jnp.pad(logp_BV, ((0, 0), (0, blocks * size - v)),
+                     constant_values=-jnp.inf).reshape(b, blocks, size)
+
+  def one(key, logp_NS):
+    block_key, token_key = jax.random.split(jax.random.fold_in(key, step))
+    block = jax.random.categorical(block_key, jax.nn.logsumexp(logp_NS, axis=-1), mode="high")
+    return block * size + jax.random.categorical(token_key, logp_NS[block], mode="high")
+
+  return jax.vmap(one)(keys_B, logp_BNS).astype(jnp.int32)
+
+
 def _step(logits_BV, keys_B, step, settings):
   """One token per row and its statistics: (token, sampling log-prob, model log-prob, model entropy).
 
   The sampling distribution (temperature, top-k, top-p: a full sort per step when top_p < 1) is built
-  once per step and serves both the draw and the token's sampling log-prob. Sampling inverts the CDF
-  with ONE uniform per row (a [B, V] Gumbel draw per step costs more than the whole forward pass of a
-  small model on a CPU).
+  once per step and serves both the draw (`_draw`) and the token's sampling log-prob, so the reported
+  log-prob is that of the distribution actually drawn from.
   """
   model_logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
   picked = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
@@ -113,12 +139,7 @@ def _step(logits_BV, keys_B, step, settings):
     sampling_logp = jnp.zeros(token.shape, jnp.float32)
   else:
     sampling_logp_BV = jax.nn.log_softmax(process_logits(logits_BV, settings))
-    cdf = jnp.cumsum(jnp.exp(sampling_logp_BV), axis=-1)
-    # u in (0, total mass]: the first index whose CDF reaches u has nonzero probability (a truncated
-    # token's CDF entry equals its predecessor's), and rounding in the sum cannot push u past the end.
-    uniform = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step), (),
-                                                      minval=jnp.finfo(jnp.float32).tiny))(keys_B)
-    token = jnp.sum(cdf < (uniform * cdf[:, -1])[:, None], axis=-1).astype(jnp.int32)
+    token = _draw(sampling_logp_BV, keys_B, step)
     sampling_logp = picked(sampling_logp_BV, token)
   return token, sampling_logp, picked(model_logp, token), entropy_from_log_probs(model_logp)
 

@@ -104,9 +104,11 @@ def test_opd_gradient_is_per_token_reinforce(case):
   np.testing.assert_allclose(value, np.mean([lq - lp for _, _, lq, lp, _ in rows]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("clip,behavior", [(None, False), (2.0, False), (None, True)])
-def test_offline_rl_importance_weights(case, clip, behavior):
-  objective = dataclasses.replace(objectives.offline_rl, clip=clip)
+@pytest.mark.parametrize("preset,clip,behavior", [
+    ("offline_rl", None, False), ("offline_rl", 2.0, False), ("offline_rl", None, True),
+    ("opd", None, True), ("opd", 0.5, True)])  # at student prefixes: a sampler at another temperature
+def test_importance_weights(case, preset, clip, behavior):
+  objective = dataclasses.replace(objectives.PRESETS[preset], clip=clip)
   rows = _sampled_terms(case)
   behavior_lp = np.full((B, L), -1.5, np.float32)  # a made-up sampler's log-probs
   batch = _batch(case, behavior_logprobs=jnp.asarray(behavior_lp)) if behavior else _batch(case)
@@ -216,7 +218,7 @@ def test_compute_from_hidden_matches_logits(case, objective):
     (dict(estimator="sampled", discount=1.5), "objective.discount"),
     (dict(prefix="dataset", estimator="sampled"), "prefix='dataset'"),
     (dict(prefix="student", kl="forward", estimator="sampled"), "needs teacher samples"),
-    (dict(prefix="student", estimator="sampled", clip=2.0), "objective.clip"),
+    (dict(prefix="student", estimator="sampled", clip=-1.0), "objective.clip"),
     (dict(prefix="teacher", estimator="sampled", clip=0.0), "objective.clip"),
     (dict(chunk_size=0), "chunk_size"),
 ])

@@ -418,3 +418,53 @@ def test_argument_errors(model):
     sampling.sample(model, PROMPTS[0], mask[0], **ok)
   with pytest.raises(ValueError, match="mask"):
     sampling.score(model, PROMPTS, mask[:2])
+
+
+# ----------------------------------------------------------------------------- a Qwen-sized vocabulary
+
+V_QWEN = 151_936
+
+
+def _lm_like_logits():
+  """Next-token logits shaped like a trained LM's: four strong tokens (among the first ids, where BPE puts
+  frequent tokens) holding ~99.75% of the mass, and a Gaussian tail of 151,932 tokens."""
+  logits = np.random.default_rng(0).normal(0.0, 1.0, V_QWEN).astype(np.float32)
+  logits[[13, 198, 220, 271]] = [18.0, 17.0, 16.0, 15.0]
+  return logits
+
+
+def test_qwen_sized_vocabulary_draws_the_whole_tail():
+  """The decode step's draw at V = 151,936 fits softmax(logits) over bins of tokens grouped by
+  probability, including the ~113k tail tokens (mass ~1.2e-3) that inverting a float32 cumsum of the
+  probabilities (the former draw) could never return; the reported sampling log-prob is the token's."""
+  logits = _lm_like_logits()
+  logp = log_softmax(logits)
+  p = np.exp(logp)
+  cdf = np.asarray(jnp.cumsum(jnp.exp(jnp.asarray(logp, jnp.float32))))
+  cumsum_never = cdf <= np.concatenate([[0.0], cdf[:-1]])  # CDF step 0: no uniform lands on the token
+  assert cumsum_never.sum() > 100_000 and p[cumsum_never].sum() > 1e-3
+  strong = np.argsort(p)[-4:]
+  bins = np.full(V_QWEN, -1)
+  bins[strong] = np.arange(4)
+  never = np.flatnonzero(cumsum_never)
+  never = never[np.argsort(p[never])]
+  half = np.searchsorted(np.cumsum(p[never]), p[never].sum() / 2)
+  bins[never[:half]] = 4  # the many smallest, then the fewer larger, each half of the cumsum-lost mass
+  bins[never[half:]] = 5
+  bins[bins == -1] = 6  # the rest of the tail
+  expected_p = np.bincount(bins, weights=p, minlength=7)
+
+  rows, steps = 250, 60  # 15,000 draws, one compile
+  settings = sampling.SamplerSettings(max_new_tokens=1)
+  step_fn = jax.jit(lambda keys, i: sampling._step(jnp.broadcast_to(jnp.asarray(logits), (rows, V_QWEN)),
+                                                   keys, i, settings)[:2])
+  keys = _keys(rows, seed=6)
+  drawn, sampling_logp = zip(*(map(np.asarray, step_fn(keys, i)) for i in range(steps)))
+  drawn, sampling_logp = np.concatenate(drawn), np.concatenate(sampling_logp)
+  np.testing.assert_allclose(sampling_logp, logp[drawn], atol=1e-4)
+  counts = np.bincount(bins[drawn], minlength=7)
+  n = rows * steps
+  assert (n * expected_p).min() > 5  # chi-square's approximation holds
+  assert _chisquare_pvalue(counts, n * expected_p) > ALPHA
+  never_expected = n * p[cumsum_never].sum()  # ~17 draws: the cumsum would give 0, 4.2 sigma below
+  assert abs(counts[4] + counts[5] - never_expected) < 3 * math.sqrt(never_expected), (counts, never_expected)

@@ -34,7 +34,11 @@ def reward_to_go(rewards, mask=None, *, discount=0.0):
 
 
 def importance_weights(student_logprobs, behavior_logprobs, clip=None):
-  """Stop-gradient per-token ratios q_θ(y_t) / behavior(y_t), truncated above at `clip` when given."""
+  """Stop-gradient per-token ratios q_θ(y_t) / behavior(y_t), truncated above at `clip` when given.
+
+  E_{y~behavior}[w(y) f(y)] = E_{y~q_θ}[f(y)] untruncated, provided behavior(y) > 0 wherever q_θ(y) > 0
+  (a greedy, top-k or top-p sampler breaks that: no weight brings back a token that is never drawn).
+  """
   if clip is not None:
     _checks.check_in_range("clip", clip, 0.0, float("inf"), low_open=True)
   log_ratio = lax.stop_gradient(_as_f32(student_logprobs) - _as_f32(behavior_logprobs))
@@ -53,8 +57,9 @@ def reverse_kl_policy_gradient(student_logprobs, teacher_logprobs, mask=None, *,
       of the estimate (e.g. sequence probabilities for an exact expectation over enumerated sequences).
     discount: reward-to-go discount. 0 = per-token reward (on-policy distillation as usually run);
       1 = unbiased gradient of the SEQUENCE-level reverse KL (the future terms included).
-    behavior_logprobs: [B, T] log-probs under the policy that actually drew the tokens (e.g. the
-      teacher, for teacher prefixes); adds stop-gradient importance weights q_θ / behavior per token.
+    behavior_logprobs: [B, T] log-probs under the distribution that actually drew the tokens (the
+      teacher, for teacher prefixes; the student at another sampling temperature); adds stop-gradient
+      importance weights q_θ / behavior per token. None: the tokens are draws of q_θ (weights 1).
       With discount > 0 these per-token weights do not correct the future rewards (no product of ratios).
     clip: upper truncation of the importance weights (None: untruncated).
     num_tokens: denominator of the token mean (the global count when accumulating micro-batches).
@@ -64,6 +69,10 @@ def reverse_kl_policy_gradient(student_logprobs, teacher_logprobs, mask=None, *,
     (w_t = 1 without `behavior_logprobs`) and whose GRADIENT w.r.t. `student_logprobs` is the REINFORCE
     estimator -mean_t w_t R_t ∇ log q_θ(y_t) with reward r_t = stop_gradient(log p_T - log q_θ) and R_t
     its reward-to-go.
+
+  Unbiased means, for discount = 0 and clip None: at each position, the expectation over y_t ~ behavior
+  (None: q_θ) of the gradient is ∇ KL(q_θ(·|s_t) || p_T(·|s_t)) for that prefix s_t, whatever
+  distribution the prefixes came from, provided behavior > 0 wherever q_θ > 0.
   """
   _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "student_logprobs", student_logprobs)
   _checks.check_same_shape("behavior_logprobs", behavior_logprobs, "student_logprobs", student_logprobs)

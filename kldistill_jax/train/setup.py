@@ -31,10 +31,50 @@ def make_mesh(config):
 
 
 def make_objective(config):
+  """The Objective of config.objective, checked against config.sampling (`check_sampled_estimator`)."""
   o = config.objective
-  return objectives.Objective(prefix=o.prefix, kl=o.kl, lam=o.lam, estimator=o.estimator,
-                              temperature=o.temperature, discount=o.discount, clip=o.clip,
-                              chunk_size=o.chunk_size)
+  objective = objectives.Objective(prefix=o.prefix, kl=o.kl, lam=o.lam, estimator=o.estimator,
+                                   temperature=o.temperature, discount=o.discount, clip=o.clip,
+                                   chunk_size=o.chunk_size)
+  check_sampled_estimator(config, objective)
+  return objective
+
+
+def check_sampled_estimator(config, objective):
+  """The sampled estimator stays unbiased for its distribution under config.sampling, or this raises.
+
+  Its tokens are drawn by the sampler (temperature, top-k, top-p) at either prefix source. The reverse
+  KL's importance weights q_θ / sampler (`objectives.compute`) correct a different temperature, not a
+  sampler that never draws some tokens q_θ can emit (greedy, top-k, top-p): refused. The forward KL's
+  cross-entropy on teacher draws has no weights, so its draws must be the teacher at
+  objective.temperature; nor do per-token weights correct the reward-to-go (objective.discount > 0) at
+  student prefixes.
+  """
+  if objective.estimator != "sampled":
+    return
+  s = config.sampling
+  if s.temperature == 0:
+    raise UserError("sampling.temperature=0 (greedy) with objective.estimator='sampled': a greedy sampler "
+                    "never draws the tokens other than the argmax, so no importance weight makes the "
+                    "estimate unbiased; use sampling.temperature > 0 or objective.estimator='exact'")
+  truncation = [f"sampling.{name}={value}" for name, value, off in
+                (("top_k", s.top_k, s.top_k == 0), ("top_p", s.top_p, s.top_p >= 1.0)) if not off]
+  if truncation:
+    raise UserError(f"{', '.join(truncation)} with objective.estimator='sampled': the truncated sampler "
+                    "never draws tokens the trained distribution can emit, so no importance weight makes "
+                    "the estimate unbiased; use sampling.top_k=0 and sampling.top_p=1.0, or "
+                    "objective.estimator='exact'")
+  if s.temperature == objective.temperature:
+    return
+  mismatch = f"sampling.temperature={s.temperature} vs objective.temperature={objective.temperature}"
+  if objective.reverse_weight < 1:
+    raise UserError(f"{mismatch} with objective.kl={objective.kl!r}, estimator='sampled': the sampled "
+                    "forward KL is a cross-entropy on teacher draws at objective.temperature (no importance "
+                    "weights); set the two temperatures equal or use objective.estimator='exact'")
+  if objective.prefix == "student" and objective.discount > 0:
+    raise UserError(f"{mismatch} with objective.discount={objective.discount}: the per-token importance "
+                    "weights do not correct the future rewards of the reward-to-go; set the two "
+                    "temperatures equal or objective.discount=0")
 
 
 def check_teacher_cache(config, objective):
