@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from kldistill_jax import data as data_lib, progress
-from kldistill_jax.errors import Preempted
+from kldistill_jax.errors import Preempted, UserError
 from kldistill_jax.train import curriculum, distributed, flops, prefixes, preemption, trajectories
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
@@ -78,16 +78,17 @@ def _curriculum_step(state, step, curriculum_config, measure_entropy, model, des
 
 
 def check_batch_size(config, mesh):
+  """The batch splits into micro-batches, over the data-parallel devices and over the processes."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   per_micro = config.batch_size // max(config.micro_batches, 1)
   if config.batch_size % config.micro_batches:
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by micro_batches={config.micro_batches}")
+    raise UserError(f"batch_size={config.batch_size} is not divisible by micro_batches={config.micro_batches}")
   if per_micro % shards:
-    raise ValueError(f"batch_size={config.batch_size} / micro_batches={config.micro_batches} = {per_micro} "
+    raise UserError(f"batch_size={config.batch_size} / micro_batches={config.micro_batches} = {per_micro} "
                      f"rows per micro-batch is not divisible by the data-parallel size mesh.data x mesh.fsdp "
                      f"= {shards}")
   if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
 
 
 def initial_state(config, model, mesh, *, total_steps):

@@ -19,7 +19,7 @@ from flax import nnx
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
 from kldistill_jax.train import flops, preemption, rl, setup, trajectories, workdir as workdir_lib
-from kldistill_jax.train.loop import train_stage
+from kldistill_jax.train.loop import check_batch_size, train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
 
@@ -176,6 +176,7 @@ def run_distill(config, workdir):
   setup.check_teacher_cache(config, objective)
   curriculum_config = setup.make_curriculum(config, objective)
   mesh = setup.make_mesh(config)
+  check_batch_size(config, mesh)  # before any model is loaded or evaluated
   tokenizer, train_source, eval_records, check = _data(config)
   vocab = config.vocab_size or tokenizer.vocab_size
   common = dict(vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
@@ -221,6 +222,7 @@ def run_grpo(config, workdir):
   """
   rl.check_settings(config)
   mesh = setup.make_mesh(config)
+  check_batch_size(config, mesh)  # before any model is loaded or evaluated
   tokenizer, train_source, eval_records, check = _data(config)
   vocab = config.vocab_size or tokenizer.vocab_size
   with jax.set_mesh(mesh):
@@ -248,6 +250,7 @@ def run_grpo(config, workdir):
 def run_pretrain(config, workdir):
   """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
   mesh = setup.make_mesh(config)
+  check_batch_size(config, mesh)  # before any model is loaded or evaluated
   tokenizer, source, eval_records, check = _data(config)
   with jax.set_mesh(mesh):
     model = setup.load_model(config.student, "student", config.vocab_size or tokenizer.vocab_size, mesh,
