@@ -29,10 +29,13 @@ def test_hand_count():
   dense = q + k + v + o + mlp + head  # 1312
   assert forward_flops(TINY, 2, 3) == 2 * 3 * (dense + 3 * per_key) == 8448
   assert forward_flops(TINY, 2, 3, context_len=7) == 2 * 3 * (dense + 7 * per_key)
-  assert train_flops(TINY, 2, 3) == 3 * 8448
+  xla = dataclasses.replace(TINY, attention="xla")
+  assert train_flops(xla, 2, 3) == 3 * 8448  # autodiff of the attention matmuls: 2 forwards' worth
+  # The flash backward (blockwise, the CPU default) recomputes the scores: 2.5 forwards of attention.
+  assert train_flops(TINY, 2, 3) == 3 * 2 * 3 * dense + 3.5 * 2 * 9 * per_key == 25632
   # remat reruns each block up to its down projection: q, k, v, o, gate, up and the attention.
   recomputed = q + k + v + o + 2 * 2 * 8 * 16 + 3 * per_key  # 992 per token
-  assert train_flops(dataclasses.replace(TINY, remat=True), 2, 3) == 3 * 8448 + 2 * 3 * recomputed == 31296
+  assert train_flops(dataclasses.replace(xla, remat=True), 2, 3) == 3 * 8448 + 2 * 3 * recomputed == 31296
   # Prompt 3 (unbucketed), 2 new tokens: a cache of 5 slots from the prefill on.
   per_token = dense + 5 * per_key  # 1472
   assert generation_flops(TINY, 2, 3, 2, bucket=False) == 2 * 3 * per_token + 2 * 2 * per_token == 14720
@@ -164,3 +167,39 @@ def test_phase_counters_add_up_to_the_sides():
   # Counters checkpointed before the eval phase existed resume with it at 0.
   old = {k: v for k, v in counts.items() if k != "eval_flops"}
   assert flops.accumulate(old)["eval_flops"] == 0
+
+
+def test_blockwise_attention_is_counted_by_the_blocks_it_computes(monkeypatch):
+  """attention_pairs against the blocks `models.attention.blockwise` actually runs, counted at run time
+  (XLA's cost_analysis counts a loop body once: the dynamic trip counts are invisible to it)."""
+  from kldistill_jax.models import attention  # pylint: disable=g-import-not-at-top
+  calls = []
+  original = attention._block_scores  # pylint: disable=protected-access
+
+  def counted(*args):
+    jax.debug.callback(lambda: calls.append(1))
+    return original(*args)
+  monkeypatch.setattr(attention, "_block_scores", counted)
+  config = qwen3(hidden_size=16, num_layers=1, num_heads=2, head_dim=8, num_kv_heads=1, intermediate_size=8,
+                 vocab_size=8, attention="blockwise")
+  rng = jax.random.split(jax.random.key(0), 3)
+  for t, s, offset in ((1100, 1100, 0), (700, 1300, 0), (1, 4608, 256), (1, 4608, 3000), (1, 512, 256)):
+    q = jax.random.normal(rng[0], (1, t, 2, 8))
+    k, v = (jax.random.normal(r, (1, 1, s, 8)) for r in rng[1:])
+    valid = jnp.ones((1, s), bool)
+    calls.clear()
+    jax.block_until_ready(attention.blockwise(q, k, v, valid, jnp.int32(offset)))
+    bq, bk = min(attention.BLOCK_Q, t), min(attention.BLOCK_K, s)
+    assert len(calls) * bq * bk == flops.attention_pairs(config, t, s, offset), (t, s, offset)
+    if t == s:  # the flash backward visits the same block pairs once more
+      calls.clear()
+      loss = lambda q, k, v: jnp.sum(attention.blockwise(q, k, v, valid, jnp.int32(0)))
+      jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+      assert len(calls) * bq * bk == 2 * flops.attention_pairs(config, t, s)
+  # Causal blocks skipped: 1100 queries in 3 blocks of 512 see 1, 2, 3 key blocks, not 3 each.
+  assert flops.attention_pairs(config, 1100, 1100) == 512 * 512 * (1 + 2 + 3)
+  # A decode step reads the filled blocks of its cache: the same cost in a 512- and a 4608-slot cache.
+  assert flops.forward_flops(config, 8, 1, context_len=4608, offset=256) == \
+      flops.forward_flops(config, 8, 1, context_len=512, offset=256)
+  xla = dataclasses.replace(config, attention="xla")
+  assert flops.attention_pairs(xla, 1, 4608, 256) == 9 * flops.attention_pairs(xla, 1, 512, 256) == 4608

@@ -40,27 +40,37 @@ def _log_once(message):
     logging.warning("attention: %s", message)
 
 
-def attend(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset=0, *, implementation="auto"):
-  """[B, T, H, D] attention output (dtype of q) of queries at slots q_offset + [0, T)."""
+def resolve(implementation, *, full, dtype, head_dim, backend=None):
+  """(the implementation a call runs, why it is not the one asked for or None): `auto` picks by backend;
+  the fused kernels take only the full forward (`full`: no cache), cuDNN only bf16/fp16 and its head
+  sizes. `train.flops` counts attention work by the same answer."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  full = isinstance(q_offset, int) and q_offset == 0 and q_BTHD.shape[1] == k_BKSD.shape[2]
+  backend = backend or jax.default_backend()
   if implementation == "auto":
-    implementation = {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "blockwise")
-  if implementation in ("cudnn", "splash"):
-    if not full:
-      implementation = "blockwise"  # cached calls: the length-aware kernel (see the module docstring)
-    elif implementation == "cudnn":
-      why = _cudnn_unsupported(q_BTHD)
-      if why is None:
-        return _cudnn(q_BTHD, k_BKSD, v_BKSD, key_valid_BS)
-      _log_once(f"cudnn unavailable ({why}); using blockwise")
-      implementation = "blockwise"
-    else:
-      interpret = jax.default_backend() != "tpu"
-      if interpret:
-        _log_once(f"splash on {jax.default_backend()} runs in the Pallas interpreter (slow: for tests)")
-      return splash(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, interpret=interpret)
+    implementation = {"tpu": "splash", "gpu": "cudnn"}.get(backend, "blockwise")
+  if implementation in ("cudnn", "splash") and not full:
+    return "blockwise", None  # cached calls: the length-aware kernel (see the module docstring)
+  if implementation == "cudnn":
+    why = _cudnn_unsupported(dtype, head_dim, backend)
+    if why is not None:
+      return "blockwise", f"cudnn unavailable ({why}); using blockwise"
+  return implementation, None
+
+
+def attend(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset=0, *, implementation="auto"):
+  """[B, T, H, D] attention output (dtype of q) of queries at slots q_offset + [0, T)."""
+  full = isinstance(q_offset, int) and q_offset == 0 and q_BTHD.shape[1] == k_BKSD.shape[2]
+  implementation, why = resolve(implementation, full=full, dtype=q_BTHD.dtype, head_dim=q_BTHD.shape[-1])
+  if why is not None:
+    _log_once(why)
+  if implementation == "cudnn":
+    return _cudnn(q_BTHD, k_BKSD, v_BKSD, key_valid_BS)
+  if implementation == "splash":
+    interpret = jax.default_backend() != "tpu"
+    if interpret:
+      _log_once(f"splash on {jax.default_backend()} runs in the Pallas interpreter (slow: for tests)")
+    return splash(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, interpret=interpret)
   offset = jnp.asarray(q_offset, jnp.int32)
   if implementation == "xla":
     return xla(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, offset)
@@ -217,14 +227,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ------------------------------------------------------------------------------------------- cudnn
 
-def _cudnn_unsupported(q_BTHD):
-  """Why cuDNN's fused attention cannot take this call, or None."""
-  if jax.default_backend() != "gpu":
-    return f"backend is {jax.default_backend()}, not an NVIDIA GPU"
-  if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q_BTHD.dtype} (cuDNN fused attention takes bfloat16/float16)"
-  if q_BTHD.shape[-1] % 8 or q_BTHD.shape[-1] > 256:
-    return f"head_dim {q_BTHD.shape[-1]} (cuDNN needs a multiple of 8, at most 256)"
+def _cudnn_unsupported(dtype, head_dim, backend):
+  """Why cuDNN's fused attention cannot take a call, or None."""
+  if backend != "gpu":
+    return f"backend is {backend}, not an NVIDIA GPU"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {jnp.dtype(dtype)} (cuDNN fused attention takes bfloat16/float16)"
+  if head_dim % 8 or head_dim > 256:
+    return f"head_dim {head_dim} (cuDNN needs a multiple of 8, at most 256)"
   return None
 
 
@@ -240,7 +250,10 @@ def _cudnn(q_BTHD, k_BKSD, v_BKSD, key_valid_BS):
 
 # ------------------------------------------------------------------------------------------ splash
 
-def splash(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, *, interpret=False, block=128):
+SPLASH_BLOCK = 128  # the splash kernel's query and key block (every BlockSizes field)
+
+
+def splash(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, *, interpret=False, block=SPLASH_BLOCK):
   """The Pallas splash kernel (MQA form per kv head, vmapped over batch and kv heads), causal, padding
   as segment ids (1 = real, 0 = padding: a real query sees only real keys, whatever their order). T is
   padded to a multiple of `block`. `interpret=True` runs the kernel through the Pallas interpreter."""

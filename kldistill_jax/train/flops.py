@@ -7,13 +7,23 @@ work. XLA's own `cost_analysis()` of the compiled forward, train step, prefill a
 above these counts for a 256-wide model (tests/test_flops.py; the gap is that elementwise work, larger
 for toy widths).
 
-We count what is computed, not what a mask keeps: causal attention over T tokens costs the full T x T
-scores, a forward over a cache of S slots T x S, and the sampler's cache has prompt + max_new_tokens
-slots from its first step on.
+We count what is computed, not what a mask keeps, and that depends on the model's attention
+implementation (`models.attention.resolve`): `xla` scores every (query, key slot) pair, causal or not,
+padding or not; `blockwise` computes, for each block of BLOCK_Q queries, the key blocks of BLOCK_K slots
+up to its last query (so causal attention over T tokens costs about T^2 / 2 beyond one block, and a decode
+step reads the filled part of its cache, not all of it); `splash` the same with its 128-slot blocks on a
+length padded to them; `cudnn` is counted as every pair (its tile skipping is not visible from here:
+an upper bound on attention only). Backward passes: XLA's autodiff of the two attention matmuls runs four
+(2x the forward); the flash backward of `blockwise` / `cudnn` recomputes the scores, five (2.5x); splash's
+separate dq and dk/dv kernels recompute twice, seven (3.5x). The GPU/TPU counts follow the kernels'
+structure and are not measured here.
 """
 
+from kldistill_jax.models import attention
 from kldistill_jax.models.config import ModelConfig
 from kldistill_jax.sampling import bucket_length
+
+_BACKWARD_PER_FORWARD = {"xla": 2.0, "blockwise": 2.5, "cudnn": 2.5, "splash": 3.5}
 
 
 def _projections_per_token(config: ModelConfig) -> int:
@@ -32,20 +42,46 @@ def _attention_per_query_key(config: ModelConfig) -> int:
   return config.num_layers * 2 * 2 * config.num_heads * config.head_dim
 
 
-def forward_flops(config: ModelConfig, batch: int, seq_len: int, *, context_len: int | None = None) -> int:
-  """One forward pass over `seq_len` new tokens per row, each attending to `context_len` keys (default:
-  the sequence itself; a cache of S slots: S), LM head on every position."""
+def _kernel(config: ModelConfig, queries: int, keys: int, offset: int) -> str:
+  full = offset == 0 and queries == keys
+  return attention.resolve(config.attention, full=full, dtype=config.compute_dtype,
+                           head_dim=config.head_dim)[0]
+
+
+def attention_pairs(config: ModelConfig, queries: int, keys: int, offset: int = 0) -> int:
+  """(query, key slot) pairs the model's attention computes for `queries` queries at slots
+  [offset, offset + queries) of a `keys`-slot key axis (per row and head, all layers alike)."""
+  kernel = _kernel(config, queries, keys, offset)
+  if kernel in ("xla", "cudnn"):
+    return queries * keys
+  if kernel == "splash":
+    padded = -(-queries // attention.SPLASH_BLOCK) * attention.SPLASH_BLOCK
+    bq = bk = attention.SPLASH_BLOCK
+    queries, keys = padded, padded
+  else:
+    bq, bk = min(attention.BLOCK_Q, queries), min(attention.BLOCK_K, keys)
+  nq, nk = -(-queries // bq), -(-keys // bk)
+  # Query block i (padded rows included) against key blocks 0 .. needed - 1, each bk slots wide (the last
+  # one clamped to end at `keys`): the trip counts of attention._forward's loops.
+  return sum(bq * min((offset + (i + 1) * bq - 1) // bk + 1, nk) * bk for i in range(nq))
+
+
+def forward_flops(config: ModelConfig, batch: int, seq_len: int, *, context_len: int | None = None,
+                  offset: int = 0) -> int:
+  """One forward pass over `seq_len` new tokens per row at slots [offset, offset + seq_len) of a key axis
+  of `context_len` slots (default: the sequence itself; a cache: its S slots), LM head on every position."""
   keys = seq_len if context_len is None else context_len
-  return batch * seq_len * (_dense_per_token(config) + _attention_per_query_key(config) * keys)
+  return batch * (seq_len * _dense_per_token(config)
+                  + _attention_per_query_key(config) * attention_pairs(config, seq_len, keys, offset))
 
 
-def _recomputed_per_token(config: ModelConfig, keys: int) -> int:
-  """What `config.remat` adds per token: the backward pass reruns each block's forward up to its last
+def _recomputed(config: ModelConfig, seq_len: int) -> int:
+  """What `config.remat` adds per row: the backward pass reruns each block's forward up to its last
   matmul. The down projection's output only feeds the residual sum, which no gradient needs, so it is
   dropped from the recomputation (as is the LM head, which is outside the blocks)."""
   gate_up = 2 * 2 * config.hidden_size * config.intermediate_size
-  return (config.num_layers * (_projections_per_token(config) + gate_up)
-          + _attention_per_query_key(config) * keys)
+  return (seq_len * config.num_layers * (_projections_per_token(config) + gate_up)
+          + _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len))
 
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
@@ -53,8 +89,11 @@ def train_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
   is on, the blocks' recomputed forwards (Qwen3-0.6B at 4k tokens: about 0.7 of a forward more). That is
   what the hardware runs; MFU in its usual sense leaves the recomputation out (pass the config with
   remat=False)."""
-  recomputed = batch * seq_len * _recomputed_per_token(config, seq_len) if config.remat else 0
-  return 3 * forward_flops(config, batch, seq_len) + recomputed
+  attention_forward = batch * _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len)
+  backward = _BACKWARD_PER_FORWARD[_kernel(config, seq_len, seq_len, 0)]
+  dense = 3 * batch * seq_len * _dense_per_token(config)
+  recomputed = batch * _recomputed(config, seq_len) if config.remat else 0
+  return dense + int((1 + backward) * attention_forward) + recomputed
 
 
 def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, *,
@@ -65,7 +104,8 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_t
   a cache of P + max_new_tokens slots. The prefill runs P positions over that whole cache, LM head on every
   position; then the decode loop runs `decode_steps` iterations (the longest completion in the batch,
   EOS included: rows that finished early keep computing until every row has; default: max_new_tokens),
-  each a one-token forward over all P + max_new_tokens slots.
+  step i a one-token forward at slot P + i of that cache (attention over its blocks up to that slot,
+  or over every slot for `xla`: see `attention_pairs`).
   """
   width = bucket_length(prompt_len) if bucket else prompt_len
   steps = max_new_tokens if decode_steps is None else decode_steps
@@ -73,7 +113,7 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_t
     raise ValueError(f"decode_steps must be in [0, max_new_tokens={max_new_tokens}], got {decode_steps}")
   cache_len = width + max_new_tokens
   return (forward_flops(config, batch, width, context_len=cache_len)
-          + steps * forward_flops(config, batch, 1, context_len=cache_len))
+          + sum(forward_flops(config, batch, 1, context_len=cache_len, offset=width + i) for i in range(steps)))
 
 
 PHASES = ("student_generation", "student_train", "teacher_generation", "teacher_scoring", "eval")
