@@ -18,7 +18,7 @@ from flax import nnx
 
 from kldistill_jax import evaluation, objectives
 from kldistill_jax.models import hf
-from kldistill_jax.train import flops, preemption, rl, setup, trajectories, workdir as workdir_lib
+from kldistill_jax.train import flops, preemption, preflight, rl, setup, trajectories, workdir as workdir_lib
 from kldistill_jax.train.loop import check_batch_size, train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
@@ -124,11 +124,12 @@ def format_table(rows):
   return "\n".join(lines)
 
 
-def _data(config):
-  """(tokenizer, training source, held-out records, answer check) of the config."""
-  setup.check_tokenizers(config)
+def _data(config, models):
+  """(tokenizer, training source, held-out records, answer check) of the config, after the preflight
+  table of `models` (the sections the job loads) vs the tokenizer: files only, no weights."""
   from kldistill_jax import data  # pylint: disable=g-import-not-at-top
   tokenizer = data.load_tokenizer(config.data.tokenizer)
+  preflight.run(config, tokenizer, models)
   # Every record is length-checked here, before any model is built (data.too_long).
   return (tokenizer, setup.make_source(config, "train", tokenizer), setup.eval_records(config, tokenizer),
           setup.answer_check(config))
@@ -177,7 +178,7 @@ def run_distill(config, workdir):
   curriculum_config = setup.make_curriculum(config, objective)
   mesh = setup.make_mesh(config)
   check_batch_size(config, mesh)  # before any model is loaded or evaluated
-  tokenizer, train_source, eval_records, check = _data(config)
+  tokenizer, train_source, eval_records, check = _data(config, ("teacher", "student"))
   vocab = config.vocab_size or tokenizer.vocab_size
   common = dict(vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
   with jax.set_mesh(mesh):
@@ -223,7 +224,7 @@ def run_grpo(config, workdir):
   rl.check_settings(config)
   mesh = setup.make_mesh(config)
   check_batch_size(config, mesh)  # before any model is loaded or evaluated
-  tokenizer, train_source, eval_records, check = _data(config)
+  tokenizer, train_source, eval_records, check = _data(config, ("student",))
   vocab = config.vocab_size or tokenizer.vocab_size
   with jax.set_mesh(mesh):
     policy = _cached_or_fitted(config, config.student, "student", workdir / "student_init",
@@ -251,7 +252,7 @@ def run_pretrain(config, workdir):
   """Fits the inline `student` model to the data's responses; exports `workdir/model`, evaluates it."""
   mesh = setup.make_mesh(config)
   check_batch_size(config, mesh)  # before any model is loaded or evaluated
-  tokenizer, source, eval_records, check = _data(config)
+  tokenizer, source, eval_records, check = _data(config, ("student",))
   with jax.set_mesh(mesh):
     model = setup.load_model(config.student, "student", config.vocab_size or tokenizer.vocab_size, mesh,
                              config.seed)

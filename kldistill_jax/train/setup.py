@@ -233,16 +233,3 @@ def check_vocabularies(teacher, student, tokenizer):
     if model is not None and tokenizer.vocab_size > model.config.vocab_size:
       raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the {name} "
                       f"vocabulary has {model.config.vocab_size}")
-
-
-def check_tokenizers(config):
-  """Teacher/student checkpoint directories that ship tokenizers must ship the same one."""
-  names = {}
-  for field in ("teacher", "student"):
-    path = config[field].path
-    if path and any((pathlib.Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-      names[field] = data.HFTokenizer(path)
-  if len(names) == 2 and names["teacher"].name != names["student"].name:
-    raise UserError(f"teacher tokenizer {names['teacher'].name} ({names['teacher'].vocab_size} tokens, "
-                    f"{config.teacher.path}) and student tokenizer {names['student'].name} "
-                    f"({names['student'].vocab_size} tokens, {config.student.path}) differ")
