@@ -48,19 +48,49 @@ def scan_position_chunks(fn, xs, chunk_size, init=None):
     return fn(carry, fresh, *chunk)
 
   carry, ys = lax.scan(body, init, jnp.arange(num_chunks))
-  tail = n - (num_chunks - 1) * c  # time steps of the last chunk not covered before
+  return carry, jax.tree.map(functools.partial(_assemble, n=n), ys)
 
-  def assemble(y):  # [num_chunks, B, c, ...] -> [B, T, ...]
-    head = jnp.moveaxis(y[:-1], 0, 1).reshape((b, -1) + y.shape[3:])
-    return jnp.concatenate([head, y[-1, :, c - tail:]], axis=1)
 
-  return carry, jax.tree.map(assemble, ys)
+def _assemble(y, n):
+  """Per-chunk outputs [num_chunks, B, c, ...] -> [B, T = n, ...]: the last chunk, shifted back to end at
+  T, contributes only its time steps not covered before."""
+  num_chunks, b, c = y.shape[:3]
+  tail = n - (num_chunks - 1) * c
+  head = jnp.moveaxis(y[:-1], 0, 1).reshape((b, -1) + y.shape[3:])
+  return jnp.concatenate([head, y[-1, :, c - tail:]], axis=1)
 
 
 def map_position_chunks(fn, xs, chunk_size):
   """Applies `fn(*chunks) -> pytree of [B, c, ...]` chunk by chunk; returns what `fn(*xs)` would."""
   _, ys = scan_position_chunks(lambda carry, fresh, *chunk: (carry, fn(*chunk)), xs, chunk_size)
   return ys
+
+
+def map_position_chunks_into(fn, xs, chunk_size, buffers):
+  """`map_position_chunks` for a function with large outputs: `fn(*chunks) -> (small, large)`.
+
+  The chunks of `large` are written into `buffers` (a pytree of [B, T, ...] arrays matching `large`, e.g.
+  `lax.empty`: every position is written; each chunk is cast to its buffer's dtype) in the scan's carry, which XLA updates in place: a
+  [B, T, V] result exists once, not stacked per chunk and then copied into place. Overlapping chunks write
+  the same values twice. Not for differentiating through (no rematerialisation): use it inside a custom
+  VJP. Returns (small with leading [B, T], the filled buffers), as `fn(*xs)` would.
+  """
+  b, n = xs[0].shape[:2]
+  steps = None if chunk_size is None else max(1, chunk_size // b)
+  if steps is None or steps >= n:
+    small, large = fn(*xs)
+    return small, jax.tree.map(lambda x, buf: x.astype(buf.dtype), large, buffers)
+  c = steps
+
+  def body(bufs, i):
+    start = jnp.minimum(i * c, n - c)  # as in scan_position_chunks: the last chunk ends exactly at T
+    small, large = fn(*(lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in xs))
+    bufs = jax.tree.map(
+        lambda buf, x: lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start, axis=1), bufs, large)
+    return bufs, small
+
+  buffers, ys = lax.scan(body, buffers, jnp.arange(math.ceil(n / c)))
+  return jax.tree.map(functools.partial(_assemble, n=n), ys), buffers
 
 
 def as_batch_time(x, trailing):

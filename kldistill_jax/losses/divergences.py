@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from kldistill_jax.losses import _checks
 from kldistill_jax.losses.chunking import as_batch_time, map_position_chunks, reduce_positions
+from kldistill_jax.losses.logits_kl import per_position_kl
 
 
 def log_probs(logits, temperature=1.0):
@@ -60,10 +61,6 @@ def _forward(s_logp, t_logp):
 
 def _reverse(s_logp, t_logp):
   return kl_from_log_probs(s_logp, t_logp)
-
-
-def _mixed(s_logp, t_logp, *, lam):
-  return lam * _reverse(s_logp, t_logp) + (1.0 - lam) * _forward(s_logp, t_logp)
 
 
 def _jsd(s_logp, t_logp, *, beta):
@@ -109,6 +106,22 @@ def _token_loss(kernel, student_logits, teacher_logits, mask, temperature, reduc
   return reduce_positions(values, mask, reduction, num_tokens)
 
 
+def _kl_loss(kind, student_logits, teacher_logits, mask, temperature, reduction, chunk_size, num_tokens,
+             lam=0.0):
+  """Forward/reverse/mixed KL with the one-pass analytic gradient of `logits_kl` (same values and
+  gradients as `_token_loss` with the matching kernel, less time and memory)."""
+  _checks.check_logits_pair(student_logits, teacher_logits)
+  _checks.check_temperature(temperature)
+  _checks.check_chunk_size(chunk_size)
+  _checks.check_reduction(reduction)
+  _checks.check_mask(mask, student_logits.shape[:-1])
+  keep = jnp.ones(student_logits.shape[:-1], bool) if mask is None else mask != 0
+  values = per_position_kl(as_batch_time(student_logits, 1), as_batch_time(teacher_logits, 1),
+                           as_batch_time(keep, 0), kind=kind, lam=lam, temperature=temperature,
+                           chunk_size=chunk_size)
+  return reduce_positions(values.reshape(student_logits.shape[:-1]), mask, reduction, num_tokens)
+
+
 def forward_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean",
                chunk_size=None, num_tokens=None):
   """KL(p_T || q_θ) per position: cross-entropy against the teacher's soft targets minus its entropy.
@@ -120,16 +133,19 @@ def forward_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, re
     reduction: "mean" (masked sum / number of unmasked positions in the whole array), "sum" or "none".
     chunk_size: positions per chunk (None: all at once).
     num_tokens: denominator for "mean" instead of the mask's count (the global count when accumulating).
+
+  The value and its gradient (w.r.t. both logits) come from one pass with a closed-form gradient
+  (`logits_kl`): the scratch beyond the gradient itself is O(chunk_size * V). No forward-mode autodiff.
   """
-  return _token_loss(_forward, student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
-                     num_tokens)
+  return _kl_loss("forward", student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
+                  num_tokens)
 
 
 def reverse_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean",
                chunk_size=None, num_tokens=None):
   """KL(q_θ || p_T) per position, exact over the vocabulary. Arguments as in `forward_kl`."""
-  return _token_loss(_reverse, student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
-                     num_tokens)
+  return _kl_loss("reverse", student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
+                  num_tokens)
 
 
 def mixed_kl(student_logits, teacher_logits, mask=None, *, lam, temperature=1.0, reduction="mean",
@@ -140,8 +156,8 @@ def mixed_kl(student_logits, teacher_logits, mask=None, *, lam, temperature=1.0,
   weighs the REVERSE KL. Other arguments as in `forward_kl`.
   """
   _checks.check_in_range("lam", lam, 0.0, 1.0)
-  return _token_loss(functools.partial(_mixed, lam=lam), student_logits, teacher_logits, mask,
-                     temperature, reduction, chunk_size, num_tokens)
+  return _kl_loss("mixed", student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
+                  num_tokens, lam=lam)
 
 
 def generalized_jsd(student_logits, teacher_logits, mask=None, *, beta, temperature=1.0,
