@@ -41,14 +41,6 @@ def _combine(kind, lam, forward_term, reverse_term):
   return (1.0 - lam) * forward_term() + lam * reverse_term()
 
 
-def _softmax_and_log(x):
-  """(softmax, log_softmax) over the last axis with one exp per entry (the probabilities reuse it)."""
-  shifted = x - jnp.max(x, axis=-1, keepdims=True)
-  e = jnp.exp(shifted)
-  z = jnp.sum(e, axis=-1, keepdims=True)
-  return e * (1.0 / z), shifted - jnp.log(z)
-
-
 def _chunk(s_BCV, t_BCV, keep_BC, lam, temperature, *, kind, need):
   """One chunk: per-position KL (and d/dlam, d/dT when needed) and the gradients in `need`, float32."""
   # Masked positions are computed on zero logits, so padding rows (e.g. all -inf) make no NaN. A product
@@ -56,7 +48,10 @@ def _chunk(s_BCV, t_BCV, keep_BC, lam, temperature, *, kind, need):
   inv_temperature = 1.0 / temperature
   s = jnp.where(keep_BC[..., None], s_BCV.astype(jnp.float32), 0.0) * inv_temperature
   t = jnp.where(keep_BC[..., None], t_BCV.astype(jnp.float32), 0.0) * inv_temperature
-  (q, s_logp), (p, t_logp) = _softmax_and_log(s), _softmax_and_log(t)
+  # Reusing the log-softmax's exp for the probabilities would save an exp per entry but keep two more
+  # [c, V] arrays alive (XLA materialises an exp with several consumers): scratch matters more here.
+  s_logp, t_logp = jax.nn.log_softmax(s), jax.nn.log_softmax(t)
+  q, p = jnp.exp(s_logp), jnp.exp(t_logp)
   log_qp = jnp.where(s_logp > -jnp.inf, s_logp - t_logp, 0.0)  # log q - log p where q > 0
   log_pq = jnp.where(t_logp > -jnp.inf, t_logp - s_logp, 0.0)  # log p - log q where p > 0
   fkl = None if kind == "reverse" else jnp.sum(p * log_pq, axis=-1)
