@@ -43,8 +43,7 @@ def _combine(kind, lam, forward_term, reverse_term):
 
 def _chunk(s_BCV, t_BCV, keep_BC, lam, temperature, *, kind, need):
   """One chunk: per-position KL (and d/dlam, d/dT when needed) and the gradients in `need`, float32."""
-  # Masked positions are computed on zero logits, so padding rows (e.g. all -inf) make no NaN. A product
-  # (not a division, which XLA would not recompute in each consumer) keeps s and t unmaterialised.
+  # Masked positions are computed on zero logits, so padding rows (e.g. all -inf) make no NaN.
   inv_temperature = 1.0 / temperature
   s = jnp.where(keep_BC[..., None], s_BCV.astype(jnp.float32), 0.0) * inv_temperature
   t = jnp.where(keep_BC[..., None], t_BCV.astype(jnp.float32), 0.0) * inv_temperature
