@@ -33,7 +33,7 @@ def _fit_to_data(config, workdir, model, *, steps, learning_rate, tokenizer, sou
   model, _ = train_stage(stage, workdir, student=model, teacher=None, objective=DATA_OBJECTIVE,
                          tokenizer=tokenizer, source=source, mesh=mesh, desc=desc)
   hf.save(model, pathlib.Path(workdir) / "model", tokenizer=tokenizer,  # lossless: reloaded as a stage's start
-          generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
+          generation=_generation_defaults(config))
   return model
 
 
@@ -95,6 +95,18 @@ def _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, che
     temporary.write_text(json.dumps({"settings": settings, "result": result}, indent=1) + "\n")
     temporary.replace(path)
   return result
+
+
+def _export_and_evaluate(config, workdir, directory, name, model, tokenizer, records, mesh, check):
+  """The trained model exported as workdir/<directory> (export.dtype, tokenizer files, the eval settings as
+  generation defaults), then evaluated as `name` (stored, see _evaluate_stored)."""
+  hf.save(model, pathlib.Path(workdir) / directory, dtype=config.export.dtype, tokenizer=tokenizer,
+          generation=_generation_defaults(config))
+  return _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, check)
+
+
+def _generation_defaults(config):
+  return dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens)
 
 
 def _probe(config, tokenizer, records, mesh, check, problems, label):
@@ -207,10 +219,8 @@ def run_distill(config, workdir):
                                 curriculum_config=curriculum_config,
                                 measure_entropy=curriculum_probe,
                                 probe=lambda model: probe(model, config.eval.max_new_tokens))
-    hf.save(student, workdir / "student", dtype=config.export.dtype, tokenizer=tokenizer,
-            generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
-    results["student after"] = _evaluate_stored(config, workdir, "student after", student, tokenizer,
-                                                eval_records, mesh, check)
+    results["student after"] = _export_and_evaluate(config, workdir, "student", "student after", student,
+                                                    tokenizer, eval_records, mesh, check)
   return _write_results(workdir, results, meta, "student after", "student")
 
 
@@ -240,10 +250,8 @@ def run_grpo(config, workdir):
     policy, meta = rl.grpo_stage(config, workdir, policy=policy, reference=reference, tokenizer=tokenizer,
                                  source=train_source, mesh=mesh, check=check,
                                  desc=f"grpo (G={config.grpo.group_size})")
-    hf.save(policy, workdir / "policy", dtype=config.export.dtype, tokenizer=tokenizer,
-            generation=dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens))
-    results["policy after"] = _evaluate_stored(config, workdir, "policy after", policy, tokenizer,
-                                               eval_records, mesh, check)
+    results["policy after"] = _export_and_evaluate(config, workdir, "policy", "policy after", policy,
+                                                   tokenizer, eval_records, mesh, check)
   return _write_results(workdir, results, meta, "policy after", "policy")
 
 
