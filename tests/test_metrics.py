@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +71,22 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
   expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
   assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == expected
   assert _scalars(tmp_path, "loss") == expected
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]  # no temp file left
+  # No temp file left; the dead run's records of steps 4-5 are kept aside, not lost (the cut line is not a
+  # record), and the file keeps its mode.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.superseded.jsonl",
+                                                        "tensorboard"]
+  superseded = [json.loads(line) for line in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in superseded] == [(4, 4.0), (5, 5.0)]
+
+
+def test_resume_keeps_the_file_mode(tmp_path):
+  writer = MetricsWriter(tmp_path)
+  writer.write(1, {"loss": 1.0})
+  writer.write(2, {"loss": 2.0})
+  writer.close()
+  os.chmod(tmp_path / "metrics.jsonl", 0o644)
+  MetricsWriter(tmp_path, resume_step=1).close()  # drops step 2: the file is rewritten
+  assert (tmp_path / "metrics.jsonl").stat().st_mode & 0o777 == 0o644
 
 
 def test_step_is_not_a_metric_name(tmp_path):
