@@ -34,8 +34,11 @@ from kldistill_jax.errors import NotADirectoryUserError, UnreadableFileError
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the final rename
 _TMP_INFIX = ".orbax-checkpoint-tmp"
 RESTORE_ATTEMPTS = 3  # transient I/O is retried this many times in all, 2**i seconds apart
-# tensorstore / absl status codes that mean the bytes on disk are wrong, not that reading them failed now.
-_DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION", "NOT_FOUND", "INVALID_ARGUMENT")
+# tensorstore / absl status codes that mean the bytes on disk are wrong, not that reading them failed now:
+# a file shorter than its index says (OUT_OF_RANGE), corrupt bytes (DATA_LOSS), a file of a committed step
+# gone (NOT_FOUND). Anything else (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) could be this process's
+# fault, so it is retried and raised, never a reason to set a checkpoint aside.
+_DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
 _MEMORY_CODES = ("RESOURCE_EXHAUSTED", "Out of memory", "OOM")
 # Which config fields build which part of the training state, for mismatch errors.
 _STATE_FIELDS = {"params": "the student model (student.path / student.model / student.param_dtype)",
