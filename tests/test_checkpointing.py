@@ -202,3 +202,17 @@ def test_unreadable_directory(tmp_path):
       Checkpointer(path)
   finally:
     path.chmod(0o700)
+
+
+@pytest.mark.parametrize("message,kind", [
+    ('OUT_OF_RANGE: Error reading "params.w/.zarray" in OCDBT database at local file "x": byte range', "damaged"),
+    ('DATA_LOSS: Error opening "zarr" driver: corrupt', "damaged"),
+    ('INVALID_ARGUMENT: Error decoding "opt_state.1.0.mu.w/0.0": bad zstd frame', "damaged"),
+    ("INVALID_ARGUMENT: Sharding of the requested array does not match the mesh", "transient"),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes", "memory"),
+    ("UNAVAILABLE: connection reset by peer", "transient"),
+])
+def test_only_stored_data_errors_count_as_damage(message, kind):
+  """A checkpoint is set aside only when the bytes on disk are wrong; errors that may be this process's
+  fault are retried and raised instead."""
+  assert checkpointing._kind(ValueError(message)) == kind  # pylint: disable=protected-access

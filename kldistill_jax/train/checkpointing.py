@@ -36,9 +36,13 @@ _TMP_INFIX = ".orbax-checkpoint-tmp"
 RESTORE_ATTEMPTS = 3  # transient I/O is retried this many times in all, 2**i seconds apart
 # tensorstore / absl status codes that mean the bytes on disk are wrong, not that reading them failed now:
 # a file shorter than its index says (OUT_OF_RANGE), corrupt bytes (DATA_LOSS), a file of a committed step
-# gone (NOT_FOUND). Anything else (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) could be this process's
-# fault, so it is retried and raised, never a reason to set a checkpoint aside.
+# gone (NOT_FOUND); corrupt bytes can also surface as INVALID_ARGUMENT / FAILED_PRECONDITION from the
+# decoder of a stored file (which of the damaged arrays fails first varies), so those count only when
+# tensorstore says it was reading, decoding or opening stored data. Anything else could be this process's
+# fault: retried and raised, never a reason to set a checkpoint aside.
 _DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
+_DECODE_CODES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION")
+_STORED_DATA = re.compile(r'Error (reading|decoding|opening) "')
 _MEMORY_CODES = ("RESOURCE_EXHAUSTED", "Out of memory", "OOM")
 # Which config fields build which part of the training state, for mismatch errors.
 _STATE_FIELDS = {"params": "the student model (student.path / student.model / student.param_dtype)",
@@ -100,6 +104,8 @@ def _kind(error: BaseException) -> str:
   if isinstance(error, MemoryError) or any(code in text for code in _MEMORY_CODES):
     return "memory"
   if any(re.search(rf"\b{code}\b", text) for code in _DAMAGE_CODES) or isinstance(error, (EOFError,)):
+    return "damaged"
+  if any(re.search(rf"\b{code}\b", text) for code in _DECODE_CODES) and _STORED_DATA.search(text):
     return "damaged"
   if "JSONDecodeError" in type(error).__name__ or "Expecting value" in text:
     return "damaged"
