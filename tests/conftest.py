@@ -5,3 +5,38 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import json  # noqa: E402  (after the XLA flag above)
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """A tiny real tfds dataset in array_record files, built from in-memory examples (no TensorFlow): GSM8K
+  sample rows 0-3 as "train", the rest as "test". One per session: tfds registers builder classes
+  globally, so the builder cannot be defined twice."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(line) for line in (DATA / "gsm8k_sample.jsonl").read_text().splitlines()]
+
+  class KldistillTinyGsm8k(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(rows[:4]), "test": self._generate_examples(rows[4:])}
+
+    def _generate_examples(self, split_rows):
+      for i, row in enumerate(split_rows):
+        yield i, row
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  KldistillTinyGsm8k(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir

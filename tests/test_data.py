@@ -260,32 +260,6 @@ def test_jsonl_trailing_blank_lines_are_fine_but_empty_files_are_not(tmp_path):
     read_jsonl(path, "csv")
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  """A tiny real tfds dataset in array_record files, built from in-memory examples (no TensorFlow)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  rows = [json.loads(line) for line in (DATA / "gsm8k_sample.jsonl").read_text().splitlines()]
-
-  class KldistillTinyGsm8k(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples(rows[:4]), "test": self._generate_examples(rows[4:])}
-
-    def _generate_examples(self, split_rows):
-      for i, row in enumerate(split_rows):
-        yield i, row
-
-  data_dir = tmp_path_factory.mktemp("tfds")
-  KldistillTinyGsm8k(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-  return data_dir
-
-
 def test_tfds_array_record_source_without_tensorflow(tfds_dir, char):
   source = tfds_source("kldistill_tiny_gsm8k", "train", str(tfds_dir), "question", "answer")
   assert len(source) == 4

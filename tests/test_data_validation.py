@@ -165,41 +165,14 @@ def test_check_agrees_with_the_pipeline_under_a_chat_template(hf_dir):
     assert 0 < len(fits) < len(records), "limits chosen to drop some records and keep some"
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  """Four GSM8K records as a real tfds dataset in array_record files (its own name: tfds registers builder
-  classes globally, so test_data's builder cannot be defined twice in one session)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  rows = [json.loads(line) for line in (DATA / "gsm8k_sample.jsonl").read_text().splitlines()[:4]]
-
-  class KldistillLengthCheck(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i, row in enumerate(rows):
-        yield i, row
-
-  path = tmp_path_factory.mktemp("tfds")
-  KldistillLengthCheck(data_dir=str(path), file_format="array_record").download_and_prepare()
-  return path
-
-
 def test_tfds_and_plain_sources_are_checked_and_subset(tfds_dir, hf_dir):
   tokenizer = HFTokenizer(hf_dir)
-  source = data.tfds_source("kldistill_length_check", "train", str(tfds_dir), "question", "answer")
+  source = data.tfds_source("kldistill_tiny_gsm8k", "train", str(tfds_dir), "question", "answer")
   lengths = [len(tokenizer.encode(data.format_prompt(source[i]["prompt"], "plain", tokenizer)))
              for i in range(len(source))]
   longest = int(np.argmax(lengths))
   settings = dict(template="plain", prompt_len=max(lengths) - 1, response_len=1000)
-  with pytest.raises(ValueError, match=re.escape(f"tfds kldistill_length_check[train] in {tfds_dir}, record "
+  with pytest.raises(ValueError, match=re.escape(f"tfds kldistill_tiny_gsm8k[train] in {tfds_dir}, record "
                                                  f"{longest}: prompt has {max(lengths)} tokens")):
     check_lengths(source, tokenizer, **settings)
   kept = check_lengths(source, tokenizer, too_long="skip", **settings)
