@@ -1,4 +1,4 @@
-"""Simulate 8 CPU devices (for the sharding tests); must run before jax is imported anywhere."""
+"""Simulate 8 CPU devices (for the sharding tests; before jax is imported anywhere), and session fixtures."""
 
 import os
 
