@@ -55,11 +55,6 @@ def handling():
     _requested = None
 
 
-def requested() -> int | None:
-  """The signal this process received, if any."""
-  return _requested
-
-
 def agreed() -> int | None:
   """The signal any process received (the same answer on every process), or None."""
   local = np.int32(_requested or 0)

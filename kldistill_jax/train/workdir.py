@@ -53,12 +53,6 @@ class Lock:
       self._handle.close()
       self._handle = None
 
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info):
-    self.release()
-
 
 def _holder(path: pathlib.Path) -> str:
   try:
