@@ -45,6 +45,7 @@ from kldistill_jax.losses.chunking import reduce_positions
 PREFIXES = ("teacher", "student", "dataset")
 KLS = ("forward", "reverse", "mixed")
 ESTIMATORS = ("exact", "sampled")
+CROSS_TOKENIZER = ("off", "uld", "span")  # see `cross_objectives`
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
@@ -68,6 +69,8 @@ class Objective:
     discount: reward-to-go discount of the sampled reverse estimator (0 = per-token reward).
     clip: upper truncation of the importance weights of the sampled estimator (biased, lower variance).
     chunk_size: positions per chunk for the full-vocabulary computations (None = all at once).
+    cross_tokenizer: "off" (one tokenizer), or the loss between a teacher and a student whose tokenizers
+      differ, matched by character spans: "uld" or "span" (see `cross_objectives`).
   """
   prefix: str = "student"
   kl: str = "reverse"
@@ -77,9 +80,11 @@ class Objective:
   discount: float = 0.0
   clip: Optional[float] = None
   chunk_size: Optional[int] = None
+  cross_tokenizer: str = "off"
 
   def __post_init__(self):
-    for field, allowed in (("prefix", PREFIXES), ("kl", KLS), ("estimator", ESTIMATORS)):
+    for field, allowed in (("prefix", PREFIXES), ("kl", KLS), ("estimator", ESTIMATORS),
+                           ("cross_tokenizer", CROSS_TOKENIZER)):
       if getattr(self, field) not in allowed:
         raise UserError(f"objective.{field} must be one of {allowed}, got {getattr(self, field)!r}")
     if self.kl == "mixed":
@@ -94,6 +99,8 @@ class Objective:
     _checks.check_chunk_size(self.chunk_size)
     if self.clip is not None:
       _checks.check_in_range("objective.clip", self.clip, 0.0, float("inf"), low_open=True)
+    if self.cross_tokenizer != "off":
+      self._check_cross_tokenizer()
     if self.estimator == "exact":
       if self.discount != 0.0 or self.clip is not None:
         raise UserError("objective.discount and objective.clip only apply to estimator='sampled'")
@@ -105,6 +112,19 @@ class Objective:
       raise UserError(f"objective.kl={self.kl!r} with estimator='sampled' needs teacher samples "
                       "(the forward KL is an expectation under p_T); use prefix='teacher' or "
                       "estimator='exact'")
+
+  def _check_cross_tokenizer(self):
+    field = f"objective.cross_tokenizer={self.cross_tokenizer!r}"
+    if self.estimator != "exact":
+      raise UserError(f"{field} compares whole distributions and span probabilities: it needs "
+                      f"objective.estimator='exact', got {self.estimator!r}")
+    if self.prefix == "teacher":
+      raise UserError(f"{field} scores the student's or the dataset's text with the teacher: "
+                      "objective.prefix must be 'student' or 'dataset' (teacher samples in the teacher's "
+                      "tokens are not supported)")
+    if self.cross_tokenizer == "uld" and self.kl == "mixed":
+      raise UserError(f"{field} optimises the sorted-probability distance, which has no direction: "
+                      "objective.kl='mixed' (lam) does not apply; use kl='forward' or 'reverse'")
 
   @property
   def reverse_weight(self) -> float:

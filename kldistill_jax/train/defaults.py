@@ -14,7 +14,7 @@ def _model_section(**model):
   s.model = ml_collections.ConfigDict(model)  # inline architecture (see models.ModelConfig), vocab from data
   s.param_dtype = "float32"  # storage dtype (float32 masters for the trained student)
   s.compute_dtype = "float32"  # activation/matmul dtype ("bfloat16" on accelerators)
-  s.remat = False  # rematerialise each block in the backward pass
+  s.remat = "none"  # what backward recomputes: none | block (keeps block inputs) | save_dots (+ projections)
   s.attention = "auto"  # auto (splash TPU, cudnn GPU, blockwise CPU) | xla | blockwise | cudnn | splash
   s.fit_loaded = False  # a model loaded from `path` is used as is; True: fit it to the data first too
   return s
@@ -42,12 +42,19 @@ def base_config():
   c.objective.clip = placeholder(float)  # importance-weight truncation (sampled, teacher prefixes)
   c.objective.chunk_size = placeholder(int)  # positions per chunk of the full-vocabulary loss
   c.objective.fused = True  # exact estimator: loss from hidden states, never [B, L, V] logits
+  # a teacher with its own tokenizer (teacher.tokenizer) scores the same text, positions matched by character
+  # spans: "off" (one tokenizer) | "uld" (sorted-probability distance) | "span" (KL of span probabilities,
+  # token-level KL where both sides are one shared token); exact estimator, student or dataset prefixes
+  c.objective.cross_tokenizer = "off"
 
   c.sampling = ml_collections.ConfigDict()  # how training prefixes are sampled (teacher/student)
   c.sampling.max_new_tokens = 48  # the training length (tokens generated per prefix)
   c.sampling.temperature = 1.0
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1 = off
+  # stop strings besides EOS, e.g. ("</answer>",): a row ends once its generated tokens end with one's
+  # tokens (data.tokenizer's encoding of the string alone); the stop tokens stay in the completion, as EOS
+  c.sampling.stop = ()
 
   c.teacher_cache = ml_collections.ConfigDict()  # teacher prefixes only
   c.teacher_cache.enabled = False  # sample the teacher once into workdir/trajectories and reuse it
@@ -55,12 +62,16 @@ def base_config():
   # > 0: also store the teacher's top-k log-probs per token, so the exact forward KL (sft) runs no teacher
   # forward; the KL is coarsened to those k tokens + the rest (exact at k = vocab size). 0 = off.
   c.teacher_cache.top_k = 0
+  # True: also store the teacher's final hidden states (bfloat16, 2 x hidden_size bytes per token) and its
+  # output head once; every exact KL (forward / reverse / mixed) is then computed from them: no teacher forward.
+  c.teacher_cache.hidden_states = False
 
   c.curriculum = ml_collections.ConfigDict()  # entropy-gated training length (sampled prefixes)
   c.curriculum.enabled = False  # on: sampling.max_new_tokens is replaced by the curriculum's length
   c.curriculum.lengths = (16, 32)  # L_0 < L_1 < ...: training lengths of the stages
   c.curriculum.stage_steps = 100  # steps per stage; H is measured at each stage end
   c.curriculum.h_min = 0.1  # advance only while the held-out entropy (nats/token) is >= h_min
+  c.curriculum.h_min_relative = 0.0  # > 0: h_min = this x the teacher's entropy on the same probe (replaces h_min)
   c.curriculum.eval_problems = 64  # held-out prompts (eval split) the entropy is measured on
 
   c.grpo = ml_collections.ConfigDict()  # job "grpo": RL from the student (student.path) with accuracy rewards
@@ -95,14 +106,22 @@ def base_config():
   c.teacher = _model_section()
   c.teacher.train_steps = 0  # > 0: fit the inline teacher to the data first (cached in workdir/teacher)
   c.teacher.learning_rate = 3e-3
+  c.teacher.tokenizer = ""  # objective.cross_tokenizer: "char" | "byte" | a tokenizer dir; "" = teacher.path's
   c.student = _model_section()
   c.student.warmup_steps = 0  # > 0: fit the student to the data briefly first (workdir/student_init)
   c.student.warmup_learning_rate = 3e-3
+  c.student.lora = ml_collections.ConfigDict()  # LoRA: train low-rank adapters only, the base stays frozen
+  c.student.lora.rank = 0  # adapter rank r; 0 = off (every weight trained)
+  c.student.lora.alpha = 16.0  # the adapters' update is scaled by alpha / rank (PEFT's lora_alpha)
+  # the projections that get an adapter (Hugging Face module names; PEFT's target_modules)
+  c.student.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "arithmetic"  # arithmetic (built in) | gsm8k | math (JSONL files) | tfds
-  c.data.tokenizer = "char"  # "char" (built-in task) or a local Hugging Face tokenizer directory
+  c.data.source = "arithmetic"  # arithmetic (built in) | gsm8k | math | chat (`messages` JSONL files) | tfds
+  c.data.tokenizer = "char"  # "char" (built-in task), "byte" (any UTF-8 text) or a local HF tokenizer directory
   c.data.template = "raw"  # raw | plain | chat
+  c.data.system_prompt = ""  # chat template: a first system turn for conversations without their own
+  c.data.enable_thinking = placeholder(bool)  # chat template: Qwen3's thinking switch; unset = its default
   c.data.prompt_len = 16  # prompt tokens (left-padded; longer prompts are an error, never truncated)
   c.data.response_len = 48  # reference response tokens incl. EOS (dataset prefixes, fitting)
   c.data.too_long = "error"  # records over prompt_len/response_len, checked before training: error | skip
@@ -125,6 +144,7 @@ def base_config():
   c.eval.batch_size = 128  # prompts per sampler call, across processes
   c.eval.max_new_tokens = 48
   c.eval.temperature = 0.0  # 0 = greedy
+  c.eval.stop = ()  # stop strings of held-out sampling besides EOS (see sampling.stop); a stop ends a row as EOS does
   c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
   c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
   c.eval.truncated_is_wrong = True  # no EOS within max_new_tokens counts as wrong; False: the check decides

@@ -20,7 +20,8 @@ from flax import nnx
 
 from kldistill_jax import data as data_lib, progress
 from kldistill_jax.errors import Preempted, UserError
-from kldistill_jax.train import curriculum, distributed, flops, prefixes, preemption, trajectories
+from kldistill_jax.train import (cross_tokenizer, curriculum, distributed, flops, prefixes, preemption, setup,
+                                 trajectories)
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -33,12 +34,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
-                max_new_tokens, decode_steps):
+                max_new_tokens, decode_steps, teacher_head_shape=None, teacher_length=None):
   """Matmul FLOPs of one step per phase (see `flops.PHASES`); the sampler (if any) ran `decode_steps` of
-  its `max_new_tokens`."""
+  its `max_new_tokens`. teacher_head_shape: (D, V) when the teacher is only its head on cached hidden
+  states (its scoring is then that one matmul)."""
   phases = {"student_train": flops.train_flops(student_cfg, batch_size, length)}
   if teacher_scores:
-    phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, length)
+    phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, teacher_length or length)
+  if teacher_head_shape is not None:
+    phases["teacher_scoring"] = flops.head_flops(batch_size * length, *teacher_head_shape)
   if generator is not None:
     cfg = student_cfg if generator == "student" else teacher_cfg
     phases[f"{generator}_generation"] = flops.generation_flops(cfg, batch_size, prompt_len, max_new_tokens,
@@ -52,7 +56,8 @@ def _training_batch(data_batch, *, cached, objective, teacher, student, rng, con
   student: () -> the student at its current parameters (built only when it samples).
   """
   if cached:
-    return data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids)
+    return data_batch, prefixes.cached_stats(data_batch, tokenizer.eos_ids,
+                                             data_lib.stop_sequences(tokenizer, config.sampling.stop))
   if objective.prefix == "dataset":
     return prefixes.from_dataset(data_batch), prefixes.dataset_stats(data_batch)
   sampler = teacher if objective.prefix == "teacher" else student()
@@ -112,7 +117,7 @@ def data_iterator(config, source, tokenizer, *, trajectory_cache=None):
     dataset = trajectories.make_dataset(trajectory_cache, batch_size=local_batch, **processes)
   else:
     dataset = data_lib.make_dataset(
-        source, tokenizer, template=config.data.template, prompt_len=config.data.prompt_len,
+        source, tokenizer, template=setup.make_template(config), prompt_len=config.data.prompt_len,
         response_len=config.data.response_len, batch_size=local_batch, seed=config.data.seed, **processes)
   # Few prefetch threads: the batches are cheap and the cores belong to XLA.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
@@ -191,13 +196,17 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
 
 def train_stage(config, workdir, *, student, teacher, objective, tokenizer, source, mesh, desc="train",
                 trajectory_cache=None, cache_flops=0, curriculum_config=None, measure_entropy=None,
-                probe=None):
+                probe=None, teacher_head=None, cross=None):
   """Trains `student` (an nnx Transformer on `mesh`) for config.steps; returns (student, FLOP counters).
 
+  cross: a `cross_tokenizer.CrossTokenizer` when the teacher has its own tokenizer (objective.cross_tokenizer):
+  each step batch is re-tokenized for it and aligned by text (`cross_tokenizer.extend_batch`).
   config: the stage's ConfigDict (steps, batch_size, micro_batches, seed, optimizer, sampling, data,
   checkpoint_every, keep_checkpoints, log_every). teacher: a Transformer or None (dataset prefixes only).
   trajectory_cache: a built `trajectories` cache directory: teacher prefixes are read from it instead of
   sampled (its one-off generation cost, `cache_flops`, starts the teacher-generation FLOP counter).
+  teacher_head: the teacher's output head [D, V] on the mesh (`trajectories.teacher_head`) when that cache
+  holds the teacher's final hidden states: the step's only teacher input (teacher may then be None).
   curriculum_config: a `curriculum.CurriculumConfig`: the sampled training length follows the
   entropy-gated curriculum, `measure_entropy(model, length) -> evaluation dict` measuring H (its
   "entropy") at each stage end; its state is checkpointed with the run.
@@ -208,24 +217,29 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   """
   check_batch_size(config, mesh)
   model = split(student)
-  teacher_split = None if teacher is None else split(teacher)
+  if teacher_head is not None and trajectory_cache is None:
+    raise ValueError("teacher_head needs a trajectory_cache built with teacher_cache.hidden_states=True")
+  teacher_input = teacher_head if teacher_head is not None else None if teacher is None else split(teacher)
   optimizer, state, shardings = initial_state(config, model, mesh, total_steps=config.steps)
   frozen = Split(model.graphdef, None, model.rest)
   step_fn = build_train_step(student=frozen, objective=objective, optimizer=optimizer,
                              micro_batches=config.micro_batches, state_shardings=shardings,
-                             batch_sharding=sharding.batch_sharding(mesh), fused=config.objective.fused)
+                             batch_sharding=sharding.batch_sharding(mesh), fused=config.objective.fused,
+                             shared_vocab=None if cross is None else cross.shared)
   iterator = data_iterator(config, source, tokenizer, trajectory_cache=trajectory_cache)
   generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
 
   def one_step(state, step, data_batch, key, meta):
-    data_batch.pop("index", None)
+    indices = data_batch.pop("index", None)
     stage_state = curriculum.CurriculumState.from_dict(meta["curriculum"]) if "curriculum" in meta \
         else curriculum.CurriculumState()
     length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
     batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
                                      teacher=teacher, student=lambda: model.merge(state.params), rng=key,
                                      config=config, tokenizer=tokenizer, length=length)
-    state, metrics = step_fn(state, batch, teacher_split)
+    if cross is not None:
+      batch = cross_tokenizer.extend_batch(cross, batch, indices, source, setup.make_template(config), mesh)
+    state, metrics = step_fn(state, batch, teacher_input)
     metrics = {k: float(v) for k, v in jax.device_get({**metrics, **rollout}).items()}
     decided, eval_flops = {}, 0
     if curriculum_config is not None and all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
@@ -248,7 +262,8 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
         generator=generator, batch_size=config.batch_size,
         teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
         prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
-        decode_steps=decode_steps)
+        decode_steps=decode_steps, teacher_head_shape=None if teacher_head is None else teacher_head.shape,
+        teacher_length=batch["teacher_tokens"].shape[1] if cross is not None else None)
     flops.accumulate(meta["flops"], eval=eval_flops, **phases)
     return state, metrics, events
 

@@ -5,10 +5,13 @@ Workdir layout of `distill` (rerunning the command resumes every stage):
   teacher/         when teacher.path is empty: the teacher fitted to the data (checkpoints, metrics, model/)
   student_init/    when student.warmup_steps > 0: the student fitted briefly to the data (a weak base model)
   checkpoints/ metrics.jsonl tensorboard/   the distillation run itself
-  student/         the distilled student as a Hugging Face checkpoint
+  student/         the distilled student as a Hugging Face checkpoint (a LoRA student merged)
+  student_adapter/ with student.lora.rank > 0: the adapters alone, a PEFT directory (+ student_base/ when
+                   the base is neither student_init/model nor student.path)
   results.json     evaluation before/after, FLOPs
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -16,9 +19,10 @@ import jax
 from absl import logging
 from flax import nnx
 
-from kldistill_jax import evaluation, objectives
-from kldistill_jax.models import hf
-from kldistill_jax.train import flops, preemption, preflight, rl, setup, trajectories, workdir as workdir_lib
+from kldistill_jax import data, evaluation, objectives
+from kldistill_jax.models import hf, lora, peft_export
+from kldistill_jax.train import (cross_tokenizer, flops, preemption, preflight, rl, setup, trajectories,
+                                 workdir as workdir_lib)
 from kldistill_jax.train.loop import check_batch_size, train_stage
 
 DATA_OBJECTIVE = objectives.Objective(prefix="dataset", kl="forward", estimator="exact")
@@ -61,10 +65,10 @@ def _evaluate(config, model, tokenizer, records, mesh, check, desc="eval", **ove
   e = config.eval
   settings = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                   samples_per_prompt=e.samples_per_prompt, pass_k=tuple(e.pass_k),
-                  truncated_is_wrong=e.truncated_is_wrong)
+                  truncated_is_wrong=e.truncated_is_wrong, stop=tuple(e.stop), stop_field="eval.stop")
   settings.update(overrides)
   local_batch = e.batch_size // jax.process_count()
-  result = evaluation.evaluate(model, records, tokenizer, check=check, template=config.data.template,
+  result = evaluation.evaluate(model, records, tokenizer, check=check, template=setup.make_template(config),
                                prompt_len=config.data.prompt_len, batch_size=local_batch,
                                rng=jax.random.key(e.seed), mesh=mesh, desc=desc, **settings)
   result["flops"] = sum(flops.generation_flops(model.config, local_batch * jax.process_count(),
@@ -101,8 +105,26 @@ def _export_and_evaluate(config, workdir, directory, name, model, tokenizer, rec
   """The trained model exported as workdir/<directory> (export.dtype, tokenizer files, the eval settings as
   generation defaults), then evaluated as `name` (stored, see _evaluate_stored)."""
   hf.save(model, pathlib.Path(workdir) / directory, dtype=config.export.dtype, tokenizer=tokenizer,
-          generation=_generation_defaults(config))
+          generation=_generation_defaults(config))  # a LoRA model merged
+  if lora.has_adapters(model):
+    _export_adapter(config, workdir, directory, model, tokenizer)
   return _evaluate_stored(config, workdir, name, model, tokenizer, records, mesh, check)
+
+
+def _export_adapter(config, workdir, directory, model, tokenizer):
+  """A LoRA model's adapters as workdir/<directory>_adapter (PEFT), pointing at the base they were trained
+  on: the fitted student_init/model, else student.path, else (an unfitted inline student) that base exported
+  as workdir/<directory>_base."""
+  workdir = pathlib.Path(workdir)
+  fitted = workdir / "student_init" / "model"
+  if (fitted / hf.CONFIG_FILE).is_file():
+    base = fitted
+  elif config.student.path:
+    base = pathlib.Path(config.student.path)
+  else:
+    base = workdir / f"{directory}_base"
+    hf.save(lora.base(model), base, tokenizer=tokenizer, generation=_generation_defaults(config))
+  peft_export.save(model, workdir / f"{directory}_adapter", base_model_name_or_path=base.resolve())
 
 
 def _generation_defaults(config):
@@ -118,7 +140,7 @@ def _probe(config, tokenizer, records, mesh, check, problems, label):
   def measure(model, length):
     return _evaluate(config, model, tokenizer, subset, mesh, check, desc=f"{label} (length {length})",
                      max_new_tokens=length, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                     samples_per_prompt=1, pass_k=(1,))
+                     samples_per_prompt=1, pass_k=(1,), stop=tuple(s.stop), stop_field="sampling.stop")
   return measure
 
 
@@ -139,9 +161,10 @@ def format_table(rows):
 def _data(config, models):
   """(tokenizer, training source, held-out records, answer check) of the config, after the preflight
   table of `models` (the sections the job loads) vs the tokenizer: files only, no weights."""
-  from kldistill_jax import data  # pylint: disable=g-import-not-at-top
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   preflight.run(config, tokenizer, models)
+  for field in ("sampling.stop", "eval.stop"):  # each stop string must encode, before any compute
+    data.stop_sequences(tokenizer, tuple(config[field]), field)
   # Every record is length-checked here, before any model is built (data.too_long).
   return (tokenizer, setup.make_source(config, "train", tokenizer), setup.eval_records(config, tokenizer),
           setup.answer_check(config))
@@ -152,6 +175,7 @@ def written(workdir, export) -> str:
   directory (a Hugging Face checkpoint), results.json, metrics.jsonl, the TensorBoard directory."""
   workdir = pathlib.Path(workdir)
   entries = ((f"{export} export", workdir / export, "Hugging Face checkpoint: hf.load or transformers"),
+             ("LoRA adapter", workdir / f"{export}_adapter", "PEFT: PeftModel.from_pretrained on its base"),
              ("results", workdir / "results.json", ""), ("metrics", workdir / "metrics.jsonl", "one JSON line per log"),
              ("TensorBoard", workdir / "tensorboard", f"tensorboard --logdir {workdir / 'tensorboard'}"))
   entries = [(name, path, note) for name, path, note in entries if path.exists()]
@@ -186,42 +210,76 @@ def _write_results(workdir, results, meta, examples_of, export):
 def run_distill(config, workdir):
   """Teacher and student per the config, distillation with config.objective, evaluation before/after."""
   objective = setup.make_objective(config)
+  lora_config = setup.make_lora(config.student, "student")
   setup.check_teacher_cache(config, objective)
   curriculum_config = setup.make_curriculum(config, objective)
   mesh = setup.make_mesh(config)
   check_batch_size(config, mesh)  # before any model is loaded or evaluated
   tokenizer, train_source, eval_records, check = _data(config, ("teacher", "student"))
+  crossing = objective.cross_tokenizer != "off"  # the teacher reads text with its own tokenizer
+  teacher_tokenizer = cross_tokenizer.teacher_tokenizer(config) if crossing else tokenizer
   vocab = config.vocab_size or tokenizer.vocab_size
   common = dict(vocab_size=vocab, tokenizer=tokenizer, source=train_source, mesh=mesh)
+  teacher_common = dict(common, tokenizer=teacher_tokenizer, vocab_size=teacher_tokenizer.vocab_size) \
+      if crossing else common
   with jax.set_mesh(mesh):
     teacher = _cached_or_fitted(config, config.teacher, "teacher", workdir / "teacher",
                                 steps=config.teacher.train_steps,
-                                learning_rate=config.teacher.learning_rate, seed=config.seed + 1, **common)
+                                learning_rate=config.teacher.learning_rate, seed=config.seed + 1,
+                                **teacher_common)
     student = _cached_or_fitted(config, config.student, "student", workdir / "student_init",
                                 steps=config.student.warmup_steps,
                                 learning_rate=config.student.warmup_learning_rate, seed=config.seed + 2,
                                 **common)
-    setup.check_vocabularies(teacher, student, tokenizer)
-    results = {name: _evaluate_stored(config, workdir, name, model, tokenizer, eval_records, mesh, check)
-               for name, model in (("teacher", teacher), ("student before", student))}
-    cache, cache_flops = None, 0
+    setup.check_vocabularies(None if crossing else teacher, student, tokenizer)
+    cross = cross_tokenizer.make(tokenizer, teacher_tokenizer, student_rows=student.config.vocab_size,
+                                 teacher_rows=teacher.config.vocab_size) if crossing else None
+    results = {name: _evaluate_stored(config, workdir, name, model, tok, eval_records, mesh, check)
+               for name, model, tok in (("teacher", teacher, teacher_tokenizer),
+                                        ("student before", student, tokenizer))}
+    student = setup.add_adapters(student, lora_config, config.seed + 3)  # student.lora: only adapters train
+    cache, cache_flops, teacher_head = None, 0, None
     if config.teacher_cache.enabled:
       preemption.raise_if_requested("before building the teacher trajectory cache")
       cache = workdir / "trajectories"
       cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
+    if config.teacher_cache.hidden_states:  # the step needs only the stored head: the teacher is freed
+      teacher_head, teacher = trajectories.teacher_head(cache, mesh), None
     curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems,
                               "curriculum: entropy")
+    curriculum_config, h_min_record, h_min_flops = _relative_h_min(config, curriculum_config, curriculum_probe,
+                                                                   teacher)
     probe = _probe(config, tokenizer, eval_records, mesh, check, config.eval.probe_problems, "probe")
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
-                                trajectory_cache=cache, cache_flops=cache_flops,
+                                trajectory_cache=cache, cache_flops=cache_flops, teacher_head=teacher_head,
+                                cross=cross,
                                 curriculum_config=curriculum_config,
                                 measure_entropy=curriculum_probe,
                                 probe=lambda model: probe(model, config.eval.max_new_tokens))
     results["student after"] = _export_and_evaluate(config, workdir, "student", "student after", student,
                                                     tokenizer, eval_records, mesh, check)
+  if curriculum_config is not None:  # the floor the gate used (relative: with the teacher's entropy behind it)
+    meta["curriculum"] = dict(meta.get("curriculum", {}), h_min=curriculum_config.h_min, **h_min_record)
+    flops.accumulate(meta["flops"], eval=h_min_flops)
   return _write_results(workdir, results, meta, "student after", "student")
+
+
+def _relative_h_min(config, curriculum_config, measure, teacher):
+  """(curriculum config, record, FLOPs): with curriculum.h_min_relative > 0 the gate's floor becomes that
+  fraction of the teacher's own entropy, measured by the curriculum's probe (same prompts, sampling settings
+  and seed as the student's checks) at the last length, so the floor follows the task instead of a number
+  in nats chosen for one teacher."""
+  fraction = config.curriculum.h_min_relative
+  if curriculum_config is None or not fraction:
+    return curriculum_config, {}, 0
+  measured = measure(teacher, curriculum_config.lengths[-1])
+  h_min = fraction * measured["entropy"]
+  logging.warning("curriculum: h_min = %g x the teacher's held-out entropy %.4f = %.4f", fraction,
+                  measured["entropy"], h_min)
+  return (dataclasses.replace(curriculum_config, h_min=h_min),
+          {"h_min_relative": fraction, "teacher_entropy": measured["entropy"]}, measured.get("flops", 0))
 
 
 @workdir_lib.owned
@@ -232,9 +290,12 @@ def run_grpo(config, workdir):
   tensorboard/ of the RL run, policy/ (the trained policy as a Hugging Face checkpoint), results.json.
   """
   rl.check_settings(config)
+  lora_config = setup.make_lora(config.student, "student")
   mesh = setup.make_mesh(config)
   check_batch_size(config, mesh)  # before any model is loaded or evaluated
   tokenizer, train_source, eval_records, check = _data(config, ("student",))
+  if isinstance(train_source, data.Records):  # chat records may lack one
+    data.require_answers(train_source, "GRPO's rewards")
   vocab = config.vocab_size or tokenizer.vocab_size
   with jax.set_mesh(mesh):
     policy = _cached_or_fitted(config, config.student, "student", workdir / "student_init",
@@ -247,6 +308,7 @@ def run_grpo(config, workdir):
       reference = nnx.clone(policy)
     results = {"policy before": _evaluate_stored(config, workdir, "policy before", policy, tokenizer,
                                                  eval_records, mesh, check)}
+    policy = setup.add_adapters(policy, lora_config, config.seed + 3)  # student.lora: only adapters train
     policy, meta = rl.grpo_stage(config, workdir, policy=policy, reference=reference, tokenizer=tokenizer,
                                  source=train_source, mesh=mesh, check=check,
                                  desc=f"grpo (G={config.grpo.group_size})")

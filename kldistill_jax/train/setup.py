@@ -9,7 +9,7 @@ from flax import nnx
 
 from kldistill_jax import data, objectives
 from kldistill_jax.errors import MissingFileError, UnreadableFileError, UserError
-from kldistill_jax.models import ModelConfig, hf, sharding
+from kldistill_jax.models import ModelConfig, hf, lora, sharding
 from kldistill_jax.train import curriculum
 
 MODEL_FIELDS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -35,7 +35,7 @@ def make_objective(config):
   o = config.objective
   objective = objectives.Objective(prefix=o.prefix, kl=o.kl, lam=o.lam, estimator=o.estimator,
                                    temperature=o.temperature, discount=o.discount, clip=o.clip,
-                                   chunk_size=o.chunk_size)
+                                   chunk_size=o.chunk_size, cross_tokenizer=o.cross_tokenizer)
   check_sampled_estimator(config, objective)
   return objective
 
@@ -81,6 +81,8 @@ def check_teacher_cache(config, objective):
   if not config.teacher_cache.enabled:
     if config.teacher_cache.top_k:
       raise UserError(f"teacher_cache.top_k={config.teacher_cache.top_k} needs teacher_cache.enabled=True")
+    if config.teacher_cache.hidden_states:
+      raise UserError("teacher_cache.hidden_states=True needs teacher_cache.enabled=True")
     return
   if objective.prefix != "teacher":
     raise UserError(f"teacher_cache.enabled needs objective.prefix='teacher', got {objective.prefix!r}")
@@ -97,6 +99,14 @@ def check_teacher_cache(config, objective):
   if top_k and objective.temperature != 1.0:
     raise UserError(f"teacher_cache.top_k={top_k} stores the teacher's log-probs at temperature 1; "
                     f"objective.temperature={objective.temperature} would need them tempered")
+  if config.teacher_cache.hidden_states:
+    if objective.estimator != "exact":
+      raise UserError("teacher_cache.hidden_states=True serves objective.estimator='exact' (the full-"
+                      "vocabulary KL from the cached states); the sampled estimator already runs no teacher "
+                      "on the cache's per-token log-probs")
+    if top_k:
+      raise UserError(f"teacher_cache.hidden_states=True gives the exact KL; teacher_cache.top_k={top_k} "
+                      "would store an approximation of it besides: set teacher_cache.top_k=0")
 
 
 def make_curriculum(config, objective):
@@ -109,14 +119,22 @@ def make_curriculum(config, objective):
                     "(objective.prefix 'student' or 'teacher' without teacher_cache)")
   if c.eval_problems < 1:
     raise UserError(f"curriculum.eval_problems must be >= 1, got {c.eval_problems}")
+  if not 0 <= c.h_min_relative < float("inf"):
+    raise UserError(f"curriculum.h_min_relative must be a finite number >= 0 (0 = off), got {c.h_min_relative}")
   return curriculum.CurriculumConfig(lengths=tuple(c.lengths), stage_steps=c.stage_steps, h_min=c.h_min)
+
+
+def make_template(config):
+  """The `data.Template` of data.template / data.system_prompt / data.enable_thinking."""
+  d = config.data
+  return data.Template(kind=d.template, system_prompt=d.system_prompt, enable_thinking=d.enable_thinking)
 
 
 def _check_lengths(config, source, tokenizer, *, held_out):
   """`source` checked against data.prompt_len (and, for training records, data.response_len) before any
   compute; records that do not fit raise or are dropped per data.too_long (see `data.validate`)."""
   d = config.data
-  return data.check_lengths(source, tokenizer, template=d.template, prompt_len=d.prompt_len,
+  return data.check_lengths(source, tokenizer, template=make_template(config), prompt_len=d.prompt_len,
                             response_len=None if held_out else d.response_len, too_long=d.too_long,
                             what="held-out records" if held_out else "training records")
 
@@ -137,7 +155,7 @@ def _read_source(config, split):
     return data.ArithmeticTask(d.num_train if train else config.eval.num_problems,
                                tuple(d.difficulties if train else config.eval.difficulties), seed=d.seed,
                                split=split)
-  if d.source in ("gsm8k", "math"):
+  if d.source in ("gsm8k", "math", "chat"):
     path = d.train_path if split == "train" else d.eval_path
     if not path:
       raise UserError(f"data.source={d.source!r} needs data.train_path and data.eval_path (JSONL files)")
@@ -145,13 +163,15 @@ def _read_source(config, split):
   if d.source == "tfds":
     return data.tfds_source(d.tfds_name, split if split == "train" else d.tfds_eval_split, d.tfds_data_dir,
                             d.prompt_key, d.response_key, d.answer_key or None)
-  raise UserError(f"data.source must be 'arithmetic', 'gsm8k', 'math' or 'tfds', got {d.source!r}")
+  raise UserError(f"data.source must be 'arithmetic', 'gsm8k', 'math', 'chat' or 'tfds', got {d.source!r}")
 
 
 def eval_records(config, tokenizer=None):
   """The held-out records: the config.eval.benchmarks files (each record tagged with its benchmark name),
   else the config.eval.split of config.data.source; with `tokenizer`, their prompts are length-checked."""
   records = _read_eval_records(config)
+  if isinstance(records, data.Records):  # chat records may lack one
+    data.require_answers(records, "the held-out evaluation")
   return records if tokenizer is None else _check_lengths(config, records, tokenizer, held_out=True)
 
 
@@ -209,8 +229,7 @@ def load_model(section, field, vocab_size, mesh, seed, path=None):
     check_checkpoint_dir(f"{field}.path", path)
     model = hf.load(path, dtype=section.param_dtype, compute_dtype=section.compute_dtype, mesh=mesh,
                     attention=section.attention)
-    if section.remat:
-      model.config = model.config.replace(remat=True)
+    model.config = model.config.replace(remat=section.remat)
     return model
   config = inline_model_config(section, vocab_size, field)
   from kldistill_jax.models import Transformer  # pylint: disable=g-import-not-at-top
@@ -223,6 +242,25 @@ def load_model(section, field, vocab_size, mesh, seed, path=None):
   graphdef = nnx.graphdef(abstract)
   state = jax.jit(init, out_shardings=shardings)()  # each parameter created on its shard
   return nnx.merge(graphdef, state)
+
+
+def make_lora(section, field):
+  """The `lora.LoraConfig` of `<field>.lora` (None when its rank is 0), checked before any model loads."""
+  c = section.lora
+  if c.rank == 0:
+    return None
+  try:
+    return lora.LoraConfig(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets))
+  except UserError as e:  # its messages start with the field ("lora.rank must ..."): say whose
+    raise UserError(f"{field}.{e}") from e
+
+
+def add_adapters(model, lora_config, seed):
+  """`model` with fresh LoRA adapters (the same outputs; only the adapters train), or as it is when
+  `lora_config` is None (full fine-tuning)."""
+  if lora_config is None:
+    return model
+  return lora.add(model, lora_config, rngs=nnx.Rngs(seed))
 
 
 def check_vocabularies(teacher, student, tokenizer):

@@ -6,10 +6,13 @@ Batch (global arrays, batch axis split over ('data', 'fsdp')):
   loss_mask       int [B, L]   1 on the response tokens that are trained.
   behavior_logprobs / teacher_logprobs  optional [B, L] (see `objectives`).
   teacher_topk_ids / teacher_topk_logprobs  optional [B, L, k] (see `objectives`).
+  teacher_hidden  optional bfloat16 [B, L, D_teacher]: the teacher's final (post-norm) hidden states,
+                  cached (`trajectories`, teacher_cache.hidden_states); the teacher is then its output head.
 
-The teacher enters as a frozen `state.Split` (or None: the data is the teacher): it is never donated,
-never differentiated, never in the optimizer state. `build_train_step` applies jit, shardings and
-donation once.
+The teacher enters as a frozen `state.Split`, as its output head [D_teacher, V] (an array: with
+batch["teacher_hidden"], the exact loss needs nothing else of it, so no teacher forward runs), or None
+(the data is the teacher): it is never donated, never differentiated, never in the optimizer state.
+`build_train_step` applies jit, shardings and donation once.
 """
 
 import functools
@@ -19,13 +22,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from kldistill_jax import objectives
+from kldistill_jax import cross_objectives, objectives
 from kldistill_jax.errors import UserError
 from kldistill_jax.sampling import prompt_positions
-from kldistill_jax.train.state import TrainState
+from kldistill_jax.train.state import Split, TrainState
 
+TEACHER_HIDDEN = "teacher_hidden"
 STEP_KEYS = ("tokens", "attention_mask", "loss_mask", "behavior_logprobs", "teacher_logprobs",
-             *objectives.TOPK_KEYS)
+             *objectives.TOPK_KEYS, TEACHER_HIDDEN, *cross_objectives.KEYS)
 
 
 def _forward(model, batch, hidden):
@@ -36,15 +40,23 @@ def _forward(model, batch, hidden):
 
 def teacher_outputs_cached(objective, batch) -> bool:
   """Whether the batch's cached teacher outputs replace the teacher forward: per-token log-probs serve
-  the sampled estimator, top-k log-probs the exact forward KL. (The loop counts FLOPs by it too.)"""
+  the sampled estimator, top-k log-probs the exact forward KL, final hidden states the exact KL (only the
+  teacher's head then runs). (The loop counts FLOPs by it too.)"""
   if objective.estimator == "sampled":
     return "teacher_logprobs" in batch
+  if TEACHER_HIDDEN in batch:
+    return True
   return objective.kl == "forward" and objectives.TOPK_KEYS[0] in batch
 
 
-def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True):
-  """Objective loss of the student with `params` on one (micro-)batch; teacher may be None."""
+def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True, shared_vocab=None):
+  """Objective loss of the student with `params` on one (micro-)batch; teacher may be None.
+  shared_vocab: the `cross_objectives.SharedVocab` when objective.cross_tokenizer is on."""
   model = student.merge(params)
+  if objective.cross_tokenizer != "off":
+    return _cross_tokenizer(model, batch, teacher.merge(), objective, shared_vocab)
+  if TEACHER_HIDDEN in batch:
+    return _from_cached_hidden(model, batch, teacher, objective=objective, fused=fused)
   cached = teacher_outputs_cached(objective, batch)
   teacher_model = None if teacher is None or cached else teacher.merge()
   if fused and teacher_model is not None and objective.estimator == "exact":
@@ -58,6 +70,33 @@ def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True):
   if teacher_model is not None:
     t_logits = lax.stop_gradient(_forward(teacher_model, batch, hidden=False))
   return objectives.compute(objective, s_logits, t_logits, batch)
+
+
+def _cross_tokenizer(model, batch, teacher_model, objective, shared_vocab):
+  """Each model on its own tokens of the same text (`cross_objectives`): logits, never fused."""
+  s_logits = _forward(model, batch, hidden=False)
+  teacher_view = {"tokens": batch["teacher_tokens"], "attention_mask": batch["teacher_attention_mask"]}
+  t_logits = lax.stop_gradient(_forward(teacher_model, teacher_view, hidden=False))
+  return cross_objectives.compute(objective, s_logits, t_logits, batch, shared_vocab)
+
+
+def _from_cached_hidden(model, batch, teacher_head, *, objective, fused):
+  """The exact loss at cached teacher hidden states: the teacher's logits are hidden @ head, nothing more.
+  The bfloat16 states are cast to the head's dtype first (float32 for a float32 teacher: what its live
+  forward would hand the loss), so the only difference from a live teacher is the states' rounding."""
+  if objective.estimator != "exact":
+    raise ValueError("batch['teacher_hidden'] serves objective.estimator='exact'; the sampled estimator "
+                     "reads the cached batch['teacher_logprobs']")
+  if getattr(teacher_head, "ndim", None) != 2:
+    raise ValueError("batch['teacher_hidden'] needs the teacher's output head [D, V] as the teacher "
+                     f"argument, got {type(teacher_head).__name__}")
+  t_hidden = batch[TEACHER_HIDDEN]
+  t_hidden = t_hidden.astype(jnp.promote_types(t_hidden.dtype, teacher_head.dtype))
+  if fused:
+    return objectives.compute_from_hidden(objective, _forward(model, batch, hidden=True),
+                                          model.output_head(), t_hidden, teacher_head, batch)
+  t_logits = jnp.dot(t_hidden, teacher_head, preferred_element_type=jnp.float32)
+  return objectives.compute(objective, _forward(model, batch, hidden=False), t_logits, batch)
 
 
 def _micro_batches(batch, count):
@@ -95,22 +134,30 @@ def apply_gradients(state: TrainState, batch, loss_fn, *, optimizer, micro_batch
 
 
 def train_step(state: TrainState, batch, teacher, *, student, objective, optimizer, micro_batches=1,
-               fused=True):
+               fused=True, shared_vocab=None):
   """One distillation update of the objective on `batch` (see `apply_gradients`)."""
   batch = {k: batch[k] for k in STEP_KEYS if k in batch}
   loss_fn = functools.partial(loss_and_metrics, teacher=teacher, student=student, objective=objective,
-                              fused=fused)
+                              fused=fused, shared_vocab=shared_vocab)
   return apply_gradients(state, batch, loss_fn, optimizer=optimizer, micro_batches=micro_batches)
 
 
 def build_train_step(*, student, objective, optimizer, micro_batches, state_shardings=None,
-                     batch_sharding=None, fused=True):
+                     batch_sharding=None, fused=True, shared_vocab=None):
   """jit(train_step) with the static parts bound, the state donated and (on a mesh) its shardings."""
   if micro_batches < 1:
     raise UserError(f"micro_batches must be >= 1, got {micro_batches}")
-  step = functools.partial(train_step, student=student, objective=objective, optimizer=optimizer,
-                           micro_batches=micro_batches, fused=fused)
+
+  def step(state, batch, teacher, frozen):
+    return train_step(state, batch, teacher, student=Split(student.graphdef, None, frozen),
+                      objective=objective, optimizer=optimizer, micro_batches=micro_batches, fused=fused,
+                      shared_vocab=shared_vocab)
+
   if state_shardings is None:
-    return jax.jit(step, donate_argnums=(0,))
-  return jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding, None),
-                 out_shardings=(state_shardings, None))
+    jitted = jax.jit(step, donate_argnums=(0,))
+  else:
+    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding, None, None),
+                     out_shardings=(state_shardings, None))
+  # The student's frozen variables (a LoRA student's base weights) are an argument, never a closed-over
+  # constant: jit would bake constants into the compiled program.
+  return lambda state, batch, teacher: jitted(state, batch, teacher, student.rest)
