@@ -45,7 +45,7 @@ _DECODE_CODES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION")
 _STORED_DATA = re.compile(r'Error (reading|decoding|opening) "')
 _MEMORY_CODES = ("RESOURCE_EXHAUSTED", "Out of memory", "OOM")
 # Which config fields build which part of the training state, for mismatch errors.
-_STATE_FIELDS = {"params": "the student model (student.path / student.model / student.param_dtype)",
+_STATE_FIELDS = {"params": "the student model (student.path / student.model / student.param_dtype / student.lora)",
                  "opt_state": "the optimizer (optimizer.* fields, e.g. grad_clip, weight_decay, schedule)",
                  "step": "the code version", "rng": "the code version"}
 

@@ -1,7 +1,8 @@
 """What training carries from step to step, and the optimizer that updates it.
 
-Only the student is trained: `TrainState.params` holds the student's `nnx.Param`s; its non-parameter
-variables (RoPE frequencies) and the whole teacher stay outside, as frozen inputs of the step.
+Only the student is trained: `TrainState.params` holds the student's trainable variables (`trainable`:
+its `nnx.Param`s, or only its LoRA adapters when it has any); the rest of it (a LoRA student's base
+weights, RoPE frequencies) and the whole teacher stay outside, as frozen inputs of the step.
 """
 
 import dataclasses
@@ -14,13 +15,13 @@ import optax
 from flax import nnx
 
 from kldistill_jax.errors import UserError
-from kldistill_jax.models import sharding
+from kldistill_jax.models import lora, sharding
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  params: Any  # nnx.State of the student's nnx.Param variables (float32 masters)
+  params: Any  # nnx.State of the student's trainable variables (float32 masters; see `trainable`)
   opt_state: Any
   step: jax.Array  # int32 scalar: optimizer updates done
   rng: jax.Array  # uint32 key data; step i uses fold_in(rng, i), so a resumed run draws the same keys
@@ -39,8 +40,14 @@ class Split:
     return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
 
 
+def trainable(model):
+  """The nnx filter of what training updates: the LoRA adapters (`models.lora`) when `model` has any, the
+  base weights staying frozen; otherwise every `nnx.Param`."""
+  return nnx.LoRAParam if lora.has_adapters(model) else nnx.Param
+
+
 def split(model) -> Split:
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, trainable(model), ...)
   return Split(graphdef, params, rest)
 
 
