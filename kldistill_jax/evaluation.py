@@ -5,8 +5,8 @@
                        samples_per_prompt=8, pass_k=(1, 4, 8))
     pass_at_k(n=[10, 10], c=[0, 3], k=4)  -> [0., 0.8333]   (unbiased: 1 - C(n-c, k) / C(n, k))
 
-A completion that did not end with EOS within the budget counts as wrong (truncated_is_wrong=False: as
-`check` says); the truncation rate is reported either way. Every process samples its share of the
+A completion that did not end with EOS (or a stop string) within the budget counts as wrong
+(truncated_is_wrong=False: as `check` says); the truncation rate is reported either way. Every process samples its share of the
 prompts; the completions are gathered so every process returns the same numbers. Prompts padded onto the
 last batch are excluded (`valid`), never double counted.
 """
@@ -92,18 +92,21 @@ def summarise(correct, lengths, entropy_sums, finished, pass_k):
 
 def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_tokens, temperature,
              batch_size, rng, mesh, top_k=0, top_p=1.0, samples_per_prompt=1, pass_k=(1,),
-             truncated_is_wrong=True, desc="eval"):
+             truncated_is_wrong=True, desc="eval", stop=(), stop_field="eval.stop"):
   """Samples `samples_per_prompt` (n) completions per record, scores each with `check(text, answer)`.
 
   truncated_is_wrong: a completion without EOS within max_new_tokens counts as wrong (`check` is not asked):
   the last number of a cut-off text is no answer. False: `check` alone decides. desc: what the progress
   bar (process 0, one unit per sampler batch) calls the evaluation, e.g. "eval: teacher".
+  stop: stop strings that end a completion like EOS (kept in its text; `data.stop_sequences`, errors
+  naming `stop_field`).
 
   Returns dict(accuracy (= avg_at_n, the mean over all n samples), pass_at_{k} for each k in pass_k
   (unbiased estimator, k <= n), mean_length (tokens, EOS included), entropy (mean per-token entropy of
   the untempered model along its completions), truncation_rate (no EOS within max_new_tokens),
   num_problems), `by_group` (the same metrics per record `benchmark`, else `difficulty`, when records
-  carry one) and `examples`: (prompt, completion, answer, correct) of the first few samples.
+  carry one), `per_problem` (lists in record order: correct, tokens, entropy_sum, finished, each summed over
+  the problem's n samples, and group) and `examples`: (prompt, completion, answer, correct) of the first few samples.
   The n samples of a prompt are n batch rows, so each gets its own key (the sampler splits `rng` per row).
   """
   n = int(samples_per_prompt)
@@ -111,6 +114,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
   if n < 1 or any(not 1 <= k <= n for k in pass_k):
     raise UserError(f"need samples_per_prompt >= 1 and 1 <= k <= samples_per_prompt for every k in "
                     f"pass_k, got samples_per_prompt={samples_per_prompt}, pass_k={pass_k}")
+  stop_sequences = data.stop_sequences(tokenizer, tuple(stop), stop_field)
   num = len(records)
   batches = data.eval_batches(_Repeated(records, n), tokenizer, template=template, prompt_len=prompt_len,
                               batch_size=batch_size, process_index=jax.process_index(),
@@ -124,7 +128,7 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
     out = sampling.sample(model, batch["prompt_tokens"], batch["prompt_mask"],
                           rng=jax.random.fold_in(rng, i), max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=tokenizer.eos_ids,
-                          pad_id=tokenizer.pad_id)
+                          pad_id=tokenizer.pad_id, stop_sequences=stop_sequences)
     completions = distributed.to_host(out.tokens)[:, prompt_len:]
     mask = distributed.to_host(out.completion_mask)[:, prompt_len:]
     decode_steps.append(int(mask.sum(axis=1).max()))  # the longest completion, padding rows included
@@ -158,6 +162,11 @@ def evaluate(model, records, tokenizer, *, check, template, prompt_len, max_new_
       groups[group].append(problem)
   results["by_group"] = {name: summarise(*(a[rows] for a in arrays), pass_k)
                          for name, rows in sorted(groups.items())}
+  # per problem, in record order: what a study's paired bootstrap resamples (`stats`): correct samples,
+  # tokens, summed entropy and finished samples of each problem's n completions, and its group (or None)
+  results["per_problem"] = {"correct": correct.sum(1).tolist(), "tokens": lengths.sum(1).tolist(),
+                            "entropy_sum": entropy_sums.sum(1).tolist(), "finished": finished.sum(1).tolist(),
+                            "group": [_group_of(records[problem]) for problem in range(num)]}
   results["examples"] = examples
   results["decode_steps"] = decode_steps
   return results

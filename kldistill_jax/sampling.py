@@ -7,6 +7,12 @@ starts at column P of `out.tokens`, so prompts stay where they were placed; RoPE
 each row's own prompt length and padding slots are masked in the cache, so a row's result does not depend
 on the other rows (random rows use their own key: `rng` is split per row, or pass [B] keys).
 Prompt lengths are padded up to a bucket, so the decode compiles once per (batch, bucket, settings).
+
+A row ends at its first EOS (`eos_ids`) or at the first generated token that completes one of
+`stop_sequences` (token-id sequences, e.g. a stop string's encoding: `data.stop_sequences`), matched inside
+the loop on the last generated ids, never by decoding text. Either way the ending tokens stay in the
+completion (completion_mask covers them) and the row counts as `finished`. Only generated tokens are
+matched: a stop sequence never completes across the prompt.
 """
 
 import dataclasses
@@ -33,8 +39,11 @@ class SamplerSettings:
   top_p: float = 1.0  # 1 = no nucleus truncation
   eos_ids: tuple = ()
   pad_id: int = 0
+  stop_sequences: tuple = ()  # ((id, ...), ...): a row also ends when its generated ids end with one
 
   def __post_init__(self):
+    if any(not seq for seq in self.stop_sequences):
+      raise UserError(f"stop sequences must be non-empty token-id sequences, got {self.stop_sequences}")
     if self.max_new_tokens < 1:
       raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.temperature < 0:
@@ -51,13 +60,14 @@ class SampleOutput:
   """What `sample` returns; N = max_new_tokens, entries for completion step i sit at column P + i.
 
   tokens:            [B, P + N] prompts as given, then completions (pad_id after a row finished).
-  completion_mask:   [B, P + N] 1 on generated tokens up to and including the first EOS.
+  completion_mask:   [B, P + N] 1 on generated tokens up to and including the first EOS or the last token
+                     of the first stop sequence.
   sampling_logprobs: [B, P + N] log-prob of each generated token under the distribution it was drawn
                      from (temperature, top-k, top-p applied; 0 for greedy); 0 off the completion.
   model_logprobs:    [B, P + N] the same tokens under the untempered, untruncated model.
   entropy:           [B, P + N] entropy of the untempered model distribution at each generated token.
-  lengths:           [B] generated tokens per row (EOS included).
-  finished:          [B] whether the row produced an EOS within the budget.
+  lengths:           [B] generated tokens per row (EOS / stop sequence included).
+  finished:          [B] whether the row produced an EOS or a stop sequence within the budget.
   """
   tokens: jax.Array
   completion_mask: jax.Array
@@ -125,6 +135,38 @@ def _draw(logp_BV, keys_B, step):
   return jax.vmap(one)(keys_B, logp_BNS).astype(jnp.int32)
 
 
+def _stop_table(stop_sequences):
+  """(ids [S, M], used [S, M]): each sequence right-aligned in M = the longest length; None without any."""
+  if not stop_sequences:
+    return None
+  width = max(map(len, stop_sequences))
+  ids = [[-1] * (width - len(seq)) + [int(i) for i in seq] for seq in stop_sequences]
+  used = [[False] * (width - len(seq)) + [True] * len(seq) for seq in stop_sequences]
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(used)
+
+
+def _stop_hit(window_BM, table):
+  """bool [B]: whether the last M ids of a row (-1 where no generated token is) end with a stop sequence."""
+  ids_SM, used_SM = table
+  equal = (window_BM[:, None, :] == ids_SM[None]) | ~used_SM[None]
+  return jnp.any(jnp.all(equal, axis=-1), axis=-1)
+
+
+def ends_with_stop(tokens, mask, stop_sequences):
+  """bool [B]: whether the masked tokens of each row ([B, L], e.g. a stored completion) end with one of
+  `stop_sequences`, within the mask (what the sampler's loop decided as it generated them)."""
+  table = _stop_table(tuple(tuple(seq) for seq in stop_sequences))
+  tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask).astype(bool)
+  if table is None:
+    return jnp.zeros(tokens.shape[:1], bool)
+  width = table[0].shape[1]
+  last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1])[None], -1), axis=1)
+  columns = last[:, None] - (width - 1) + jnp.arange(width)[None]
+  inside = (columns >= 0) & jnp.take_along_axis(mask, jnp.maximum(columns, 0), axis=1)
+  window = jnp.where(inside, jnp.take_along_axis(tokens, jnp.maximum(columns, 0), axis=1), -1)
+  return _stop_hit(window, table)
+
+
 def _step(logits_BV, keys_B, step, settings):
   """One token per row and its statistics: (token, sampling log-prob, model log-prob, model entropy).
 
@@ -151,17 +193,23 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings, mesh=
   n = settings.max_new_tokens
   cache = sharding.constrain_cache(init_cache(model.config, b, p + n), mesh)
   positions = prompt_positions(prompt_mask)
-  logits, cache = model(prompt_tokens, positions, cache, prompt_mask)
+  hidden, cache = model(prompt_tokens, positions, cache, prompt_mask, return_hidden=True)
   prompt_len = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
-  # The last REAL prompt token (wherever the padding is) predicts the first new one.
+  # The last REAL prompt token (wherever the padding is) predicts the first new one: the output head
+  # runs on that one position only, never on [B, P, V].
   last = jnp.max(jnp.where(prompt_mask.astype(bool), jnp.arange(p)[None], 0), axis=1)
-  next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  next_logits = jnp.dot(last_hidden, model.output_head().astype(last_hidden.dtype),
+                        preferred_element_type=jnp.float32)
   eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)
+  stops = _stop_table(settings.stop_sequences)
 
   zeros = jnp.zeros((b, n), jnp.float32)
   init = dict(step=jnp.zeros((), jnp.int32), logits=next_logits, cache=cache,
               tokens=jnp.full((b, n), settings.pad_id, jnp.int32), mask=jnp.zeros((b, n), jnp.int32),
               sampling_logp=zeros, model_logp=zeros, entropy=zeros, finished=jnp.zeros((b,), bool))
+  if stops is not None:  # the last M generated ids of each row (-1 before the first): what stops match
+    init["recent"] = jnp.full((b, stops[0].shape[1]), -1, jnp.int32)
 
   def cond(s):
     return (s["step"] < n) & ~jnp.all(s["finished"])
@@ -172,10 +220,15 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings, mesh=
     token = jnp.where(active, token, settings.pad_id)  # finished rows' statistics are masked by `write`
     write = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(
         buf, jnp.where(active, value, 0).astype(buf.dtype)[:, None], i, axis=1)
-    finished = s["finished"] | (active & jnp.any(token[:, None] == eos[None], axis=1))
+    ended = jnp.any(token[:, None] == eos[None], axis=1)
+    carry = {}
+    if stops is not None:
+      carry["recent"] = jnp.concatenate([s["recent"][:, 1:], token[:, None]], axis=1)
+      ended |= _stop_hit(carry["recent"], stops)
+    finished = s["finished"] | (active & ended)
     logits, cache = model(token[:, None], (prompt_len + i)[:, None], s["cache"], active[:, None])
     cache = sharding.constrain_cache(cache, mesh)
-    return dict(step=i + 1, logits=logits[:, 0], cache=cache,
+    return dict(carry, step=i + 1, logits=logits[:, 0], cache=cache,
                 tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], token[:, None], i, axis=1),
                 mask=write(s["mask"], 1), sampling_logp=write(s["sampling_logp"], sampling_logp),
                 model_logp=write(s["model_logp"], model_logp), entropy=write(s["entropy"], entropy),
@@ -201,8 +254,9 @@ def _row_keys(rng, batch):
 
 
 def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperature=1.0, top_k=0,
-           top_p=1.0, eos_ids=(), pad_id=0, bucket=True) -> SampleOutput:
-  """Samples `max_new_tokens` (or until every row emitted one of `eos_ids`) after each prompt.
+           top_p=1.0, eos_ids=(), pad_id=0, bucket=True, stop_sequences=()) -> SampleOutput:
+  """Samples `max_new_tokens` (or until every row emitted one of `eos_ids` or `stop_sequences`) after each
+  prompt.
 
   Args:
     model: a `models.Transformer` (possibly sharded; prompts may be sharded over the batch).
@@ -210,9 +264,12 @@ def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperatur
     rng: a PRNG key (split per row) or [B] keys. temperature 0 is greedy.
     top_k, top_p: truncations of the sampling distribution (0 / 1.0 = off).
     bucket: pad P up to `bucket_length(P)` so that varying prompt lengths reuse one compiled loop.
+    stop_sequences: token-id sequences that end a row like an EOS (kept in the completion), e.g. stop
+      strings encoded by `data.stop_sequences`.
   """
   settings = SamplerSettings(max_new_tokens, float(temperature), int(top_k), float(top_p),
-                             tuple(int(e) for e in eos_ids), int(pad_id))
+                             tuple(int(e) for e in eos_ids), int(pad_id),
+                             tuple(tuple(int(i) for i in seq) for seq in stop_sequences))
   if prompt_tokens.shape != prompt_mask.shape or prompt_tokens.ndim != 2:
     raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must "
                      "both be [B, P]")

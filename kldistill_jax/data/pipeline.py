@@ -21,7 +21,7 @@ import functools
 import grain
 import numpy as np
 
-from kldistill_jax.data.templates import format_prompt
+from kldistill_jax.data.templates import format_record
 from kldistill_jax.errors import UserError
 
 
@@ -32,7 +32,7 @@ def _too_long(index, what, length, field, limit):
 
 def encode_prompt(record, tokenizer, template, prompt_len, index=-1) -> dict:
   """prompt_tokens / prompt_mask [P] (left-padded) and index of one record."""
-  ids = tokenizer.encode(format_prompt(record["prompt"], template, tokenizer))
+  ids = tokenizer.encode(format_record(record, template, tokenizer))
   if not ids:
     raise UserError(f"record {index}: empty prompt (the last prompt token predicts the response)")
   if len(ids) > prompt_len:

@@ -14,7 +14,8 @@ import re
 
 from kldistill_jax.errors import UserError
 
-FORMATS = ("gsm8k", "math", "aime", "amc")
+FORMATS = ("gsm8k", "math", "aime", "amc", "chat")
+ROLES = ("system", "user", "assistant")
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -96,7 +97,54 @@ def _competition_record(row, integer_answer):
   return dict(prompt=_field(row, _key(row, "problem", "Problem")), response=solution or "", answer=answer)
 
 
-_PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record,
+def _turn(message, number):
+  if not isinstance(message, dict):
+    raise UserError(f"message {number} must be an object with 'role' and 'content', got "
+                    f"{type(message).__name__}")
+  try:
+    role, content = _field(message, "role"), _field(message, "content")
+  except ValueError as e:
+    raise UserError(f"message {number}: {e}") from e
+  if role not in ROLES:
+    raise UserError(f"message {number}: role {role!r} is not one of {', '.join(ROLES)}")
+  return {"role": role, "content": content}
+
+
+def _chat_record(row):
+  """`messages` ([{"role", "content"}, ...]): the last turn is the assistant's reference response, the
+  turns before it the prompt conversation (an optional system turn first, then user and assistant turns
+  alternating, ending with a user turn). `answer` (optional): the reference answer for evaluation and
+  rewards, else the reference's '#### N' or last \boxed{}, else None (training only)."""
+  messages = row.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise UserError("missing key 'messages'" if messages is None else
+                    f"'messages' must be a non-empty list of turns, got {messages!r:.80}")
+  turns = [_turn(m, i) for i, m in enumerate(messages, start=1)]
+  if turns[-1]["role"] != "assistant":
+    raise UserError(f"the last message is the reference response and must be the assistant's, got "
+                    f"{turns[-1]['role']!r}")
+  prompt = turns[:-1]
+  if prompt and prompt[0]["role"] == "system":
+    prompt_turns = prompt[1:]
+  else:
+    prompt_turns = prompt
+  expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(prompt_turns))]
+  roles = [t["role"] for t in prompt_turns]
+  if not prompt_turns or roles != expected or roles[-1] != "user":
+    raise UserError(f"the turns before the reference must be an optional system turn, then user and "
+                    f"assistant turns alternating and ending with the user's; got {', '.join(t['role'] for t in turns)}")
+  response = turns[-1]["content"]
+  if "answer" in row:
+    answer = number_answer(row["answer"])
+  else:
+    try:
+      answer = _reference_answer(response)
+    except ValueError:
+      answer = None
+  return dict(prompt=prompt_turns[-1]["content"], messages=tuple(prompt), response=response, answer=answer)
+
+
+_PARSERS = {"gsm8k": _gsm8k_record, "math": _math_record, "chat": _chat_record,
             "aime": lambda row: _competition_record(row, integer_answer=True),
             "amc": lambda row: _competition_record(row, integer_answer=False)}
 
@@ -117,7 +165,8 @@ class Records(list):
 
 def read_jsonl(path, format: str) -> Records:  # pylint: disable=redefined-builtin
   """Records of a JSONL file in the GSM8K (`question`, `answer` ending '#### N'), MATH (`problem`,
-  `solution`, optional `answer`, else the last \\boxed{}), AIME or AMC layout.
+  `solution`, optional `answer`, else the last \\boxed{}), AIME, AMC or chat (`messages`, see
+  `_chat_record`) layout.
 
   AIME and AMC files (as AI-MO/aimo-validation-aime / -amc) are evaluation-only: `problem` (or `Problem`)
   and `answer` (or `Answer`: an integer for AIME, a number or string for AMC; see `number_answer`); the
@@ -150,6 +199,16 @@ def read_jsonl(path, format: str) -> Records:  # pylint: disable=redefined-built
       raise UserError(f"{path}:{number}: {format} record: {e}") from e
     origins.append(f"{path}:{number}")
   return Records(records, origins)
+
+
+def require_answers(records, what):
+  """Raises naming the first records (path:line) that have no reference answer (chat records without an
+  `answer` key or an extractable one): `what` (evaluation, rewards) grades against it."""
+  missing = [i for i in range(len(records)) if records[i].get("answer") is None]
+  if missing:
+    where = [records.origin(i) if hasattr(records, "origin") else f"record {i}" for i in missing[:5]]
+    raise UserError(f"{len(missing)} of {len(records)} records have no answer, which {what} needs (add an "
+                    "'answer' key, or end the reference with '#### N' or \\boxed{...}): " + ", ".join(where))
 
 
 def read_benchmark(spec: str) -> list[dict]:

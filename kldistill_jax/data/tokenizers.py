@@ -1,8 +1,10 @@
-"""Tokenizers with one small interface: the built-in character tokenizer and local Hugging Face ones.
+"""Tokenizers with one small interface: the built-in character and byte (`byte_tokenizer`) tokenizers and
+local Hugging Face ones.
 
 Both expose `vocab_size`, `pad_id`, `eos_id`, `eos_ids`, `name`, `encode(text) -> list[int]`,
 `encode_batch(texts) -> list[list[int]]` (the same ids; one call for many texts),
-`decode(ids) -> str` (stops at the first EOS, drops padding) and `apply_chat_template(messages) -> str`,
+`decode(ids) -> str` (stops at the first EOS, drops padding) and `apply_chat_template(messages, *,
+enable_thinking=None) -> str`,
 `bos_id` (None when there is none) and `save_pretrained(directory)` (Hugging Face tokenizer files, which
 `hf.save(..., tokenizer=)` writes next to the weights).
 `name` identifies the vocabulary, so a teacher and a student can be checked to share one.
@@ -56,10 +58,10 @@ class CharTokenizer:
         chars.append(CHAR_ALPHABET[i - 2] if 2 <= i < len(CHAR_ALPHABET) + 2 else _UNUSED)
     return "".join(chars)
 
-  def apply_chat_template(self, messages) -> str:
-    del messages
+  def apply_chat_template(self, messages, *, enable_thinking=None) -> str:
+    del messages, enable_thinking
     raise UserError(f"the {self.name} tokenizer has no chat template: set data.template to 'raw' or "
-                    "'plain'")
+                    "'plain' (or data.tokenizer='byte', which has one)")
 
   def to_hf(self):
     """The same tokenizer as a `transformers` fast tokenizer (a `tokenizers` file, no custom code).
@@ -86,17 +88,29 @@ class CharTokenizer:
 
   def save_pretrained(self, directory):
     """Writes tokenizer.json and tokenizer_config.json (`to_hf`) to `directory`."""
-    directory = pathlib.Path(directory)
-    self.to_hf().save_pretrained(str(directory))
-    # transformers 5 names its fast class "TokenizersBackend" and lists extra special tokens as
-    # "extra_special_tokens" (a dict of named tokens in transformers 4): the transformers 4 names, which
-    # transformers 5 reads too, keep the directory loadable by serving engines pinned to 4.x.
-    config_file = directory / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_file.read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
-      tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
-    config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    save_hf_files(self.to_hf(), directory)
+
+
+def save_hf_files(fast_tokenizer, directory):
+  """A built-in tokenizer's `to_hf()` saved to `directory` (tokenizer.json, tokenizer_config.json)."""
+  directory = pathlib.Path(directory)
+  fast_tokenizer.save_pretrained(str(directory))
+  # transformers 5 names its fast class "TokenizersBackend" and lists extra special tokens as
+  # "extra_special_tokens" (a dict of named tokens in transformers 4): the transformers 4 names, which
+  # transformers 5 reads too, keep the directory loadable by serving engines pinned to 4.x.
+  config_file = directory / "tokenizer_config.json"
+  tokenizer_config = json.loads(config_file.read_text())
+  tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  if isinstance(tokenizer_config.get("extra_special_tokens"), list):
+    tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
+  config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_thinking(chat_template, enable_thinking, name):
+  """data.enable_thinking set for a chat template that never reads it would be ignored silently: refused."""
+  if enable_thinking is not None and "enable_thinking" not in (chat_template or ""):
+    raise UserError(f"data.enable_thinking={enable_thinking} but the chat template of {name} never reads "
+                    "enable_thinking (Qwen3's does); leave data.enable_thinking unset")
 
 
 class HFTokenizer:
@@ -150,10 +164,17 @@ class HFTokenizer:
         kept.append(i)
     return self.tokenizer.decode(kept, skip_special_tokens=True)
 
-  def apply_chat_template(self, messages) -> str:
+  def apply_chat_template(self, messages, *, enable_thinking=None) -> str:
+    """The conversation with the generation prompt; enable_thinking (None: the template's default) is
+    passed to the template (Qwen3's switch)."""
     if not self.tokenizer.chat_template:
       raise UserError(f"tokenizer at {self.path} has no chat template: set data.template to 'plain'")
-    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    template = self.tokenizer.chat_template
+    check_thinking(template if isinstance(template, str) else json.dumps(template), enable_thinking,
+                   str(self.path))
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                              **extra)
 
   def save_pretrained(self, directory):
     """The tokenizer's files (chat template included) in `directory`; `hf.save` writes the EOS ids
@@ -162,5 +183,34 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str):
-  """"char" -> `CharTokenizer()`; anything else is a local Hugging Face tokenizer directory."""
+  """"char" -> `CharTokenizer()`, "byte" -> `ByteTokenizer()`; anything else is a local Hugging Face
+  tokenizer directory."""
+  if spec == "byte":
+    from kldistill_jax.data.byte_tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return ByteTokenizer()
   return CharTokenizer() if spec == "char" else HFTokenizer(spec)
+
+
+def stop_sequences(tokenizer, stops, field="sampling.stop") -> tuple:
+  """The token-id sequences of stop strings (`field`, a tuple of strings) under `tokenizer`: each string
+  encoded alone (no special tokens), which the sampler matches on generated ids.
+
+  Exact for the built-in char and byte tokenizers (one token per character / byte). With a BPE tokenizer a
+  string may tokenize differently in context ("</answer>" after a space or glued to the previous word can
+  merge into other tokens), and a generation that spells it that way does not stop; list such variants as
+  further stop strings.
+  """
+  if isinstance(stops, str) or not all(isinstance(s, str) for s in stops):
+    raise UserError(f"{field} must be a tuple of strings, got {stops!r}")
+  sequences = []
+  for text in stops:
+    if not text:
+      raise UserError(f"{field} has an empty stop string")
+    try:
+      ids = tuple(tokenizer.encode(text))
+    except ValueError as e:
+      raise UserError(f"{field}: stop string {text!r}: {e}") from e
+    if not ids:
+      raise UserError(f"{field}: stop string {text!r} encodes to no tokens under {tokenizer.name}")
+    sequences.append(ids)
+  return tuple(dict.fromkeys(sequences))

@@ -21,7 +21,7 @@ from absl import logging
 
 from kldistill_jax.data.arithmetic import ArithmeticTask
 from kldistill_jax.data.sources import Records
-from kldistill_jax.data.templates import format_prompt
+from kldistill_jax.data.templates import format_record
 from kldistill_jax.errors import UserError
 
 TOO_LONG = ("error", "skip")
@@ -63,10 +63,17 @@ def _token_counts(texts, tokenizer, origins):
   return np.fromiter(map(len, ids), np.int64, len(texts))
 
 
+def _prompt_text(record, template, tokenizer, where):
+  try:
+    return format_record(record, template, tokenizer)
+  except ValueError as e:  # a conversation the template cannot render: name the record
+    raise UserError(f"{where}: {e}") from e
+
+
 def _measure(records, origins, tokenizer, template, with_response):
   """(prompt tokens [n], response + EOS tokens [n] or None) of `records`."""
-  prompts = _token_counts([format_prompt(r["prompt"], template, tokenizer) for r in records], tokenizer,
-                          origins)
+  prompts = _token_counts([_prompt_text(r, template, tokenizer, where) for r, where in zip(records, origins)],
+                          tokenizer, origins)
   for i in np.flatnonzero(prompts == 0):  # malformed, not too long: never skipped
     raise UserError(f"{origins[i]}: empty prompt (the last prompt token predicts the response)")
   if not with_response:

@@ -8,7 +8,7 @@ Prompts are left-padded, so prompt + completion is contiguous in every row, as `
 
 import jax.numpy as jnp
 
-from kldistill_jax import sampling
+from kldistill_jax import data, sampling
 
 
 def from_dataset(data_batch):
@@ -25,7 +25,8 @@ def from_sampler(model, data_batch, *, rng, settings, tokenizer, with_model_logp
                  max_new_tokens=None):
   """Prompt + a completion sampled by `model` (the teacher, or the student at its current parameters).
 
-  settings: the `sampling` ConfigDict (max_new_tokens = the training length, temperature, top_k, top_p).
+  settings: the `sampling` ConfigDict (max_new_tokens = the training length, temperature, top_k, top_p,
+  stop: stop strings that end a completion like EOS).
   with_model_logprobs: also return the sampler's untempered log-probs as "teacher_logprobs" (when the
   sampler IS the teacher: cached trajectories need no teacher forward later).
   max_new_tokens: overrides settings.max_new_tokens (the length curriculum's current length).
@@ -36,7 +37,8 @@ def from_sampler(model, data_batch, *, rng, settings, tokenizer, with_model_logp
                         max_new_tokens=max_new_tokens or settings.max_new_tokens,
                         temperature=settings.temperature,
                         top_k=settings.top_k, top_p=settings.top_p, eos_ids=tokenizer.eos_ids,
-                        pad_id=tokenizer.pad_id)
+                        pad_id=tokenizer.pad_id,
+                        stop_sequences=data.stop_sequences(tokenizer, settings.get("stop", ())))
   completion = out.completion_mask
   batch = {
       "tokens": out.tokens,
@@ -61,11 +63,13 @@ def dataset_stats(data_batch):
   return {"response_length": jnp.mean(lengths), "truncation_rate": jnp.zeros(())}
 
 
-def cached_stats(batch, eos_ids):
-  """Rollout statistics of cached trajectories: a row is truncated when no EOS ends its completion."""
+def cached_stats(batch, eos_ids, stop_sequences=()):
+  """Rollout statistics of cached trajectories: a row is truncated when neither an EOS nor one of
+  `stop_sequences` (token ids) ends its completion."""
   completion = batch["loss_mask"].astype(bool)
   eos = jnp.isin(batch["tokens"], jnp.asarray(eos_ids))
-  finished = jnp.any(completion & eos, axis=1)
+  finished = jnp.any(completion & eos, axis=1) | sampling.ends_with_stop(batch["tokens"], completion,
+                                                                          stop_sequences)
   lengths = jnp.sum(completion, axis=1).astype(jnp.float32)
   return {"response_length": jnp.mean(lengths), "max_length": jnp.max(lengths),
           "truncation_rate": 1.0 - jnp.mean(finished.astype(jnp.float32))}

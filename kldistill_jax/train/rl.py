@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kldistill_jax import objectives, sampling
+from kldistill_jax import data, objectives, sampling
 from kldistill_jax.errors import UserError
 from kldistill_jax.train import distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
@@ -55,18 +55,22 @@ def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef):
 
 def build_policy_step(*, policy, optimizer, micro_batches, settings, state_shardings=None):
   """jit((state, batch) -> (state, metrics)): one GRPO update; settings: dict(temperature, clip_eps, kl_coef)."""
-  loss_fn = functools.partial(policy_loss, policy=policy, temperature=settings["temperature"],
-                              clip_eps=settings["clip_eps"], kl_coef=settings["kl_coef"])
-
-  def step(state, batch):
+  def step(state, batch, frozen):
     batch = {k: batch[k] for k in POLICY_KEYS if k in batch}
+    loss_fn = functools.partial(policy_loss, policy=Split(policy.graphdef, None, frozen),
+                                temperature=settings["temperature"], clip_eps=settings["clip_eps"],
+                                kl_coef=settings["kl_coef"])
     return apply_gradients(state, batch, loss_fn, optimizer=optimizer, micro_batches=micro_batches)
 
   if state_shardings is None:
-    return jax.jit(step, donate_argnums=(0,))
-  # The batch arrives as global arrays already split over the batch axes (rank 1 and 2), as it is.
-  return jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, None),
-                 out_shardings=(state_shardings, None))
+    jitted = jax.jit(step, donate_argnums=(0,))
+  else:
+    # The batch arrives as global arrays already split over the batch axes (rank 1 and 2), as it is.
+    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, None, None),
+                     out_shardings=(state_shardings, None))
+  # The frozen variables (a LoRA policy's base weights) are an argument: jit would bake a closed-over
+  # array into the compiled program as a constant.
+  return lambda state, batch: jitted(state, batch, policy.rest)
 
 
 def repeat_prompts(data_batch, group_size):
@@ -77,19 +81,21 @@ def repeat_prompts(data_batch, group_size):
 
 
 def rewards_of(tokens, completion_mask, index, *, prompt_len, records, tokenizer, check,
-               truncated_is_wrong=True):
+               truncated_is_wrong=True, stop_sequences=()):
   """float32 [B]: 1.0 where `check(decoded completion, the record's answer)` holds, else 0.0 (host side).
 
-  truncated_is_wrong: a completion with no EOS (one of tokenizer.eos_ids) under its mask, i.e. cut off by
-  the budget, gets 0 without asking `check` (the last number of a cut-off text is no answer).
+  truncated_is_wrong: a completion with no EOS (one of tokenizer.eos_ids) under its mask and not ending
+  with one of `stop_sequences` (token ids: sampling.stop), i.e. cut off by the budget, gets 0 without
+  asking `check` (the last number of a cut-off text is no answer).
   """
   completions = distributed.to_host(tokens)[:, prompt_len:]
   masks = distributed.to_host(completion_mask)[:, prompt_len:] > 0
   rows = distributed.to_host(index)
   eos = np.asarray(tokenizer.eos_ids)
-  return np.array([float((not truncated_is_wrong or bool(np.isin(c[m], eos).any()))
+  stopped = np.asarray(sampling.ends_with_stop(completions, masks, stop_sequences))
+  return np.array([float((not truncated_is_wrong or bool(np.isin(c[m], eos).any()) or bool(stop))
                          and bool(check(tokenizer.decode(c[m]), records[int(i)]["answer"])))
-                   for c, m, i in zip(completions, masks, rows)], np.float32)
+                   for c, m, i, stop in zip(completions, masks, rows, stopped)], np.float32)
 
 
 def check_settings(config):
@@ -126,6 +132,7 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
                               state_shardings=shardings)
   iterator = data_iterator(config, source, tokenizer)
   prompt_len = config.data.prompt_len
+  stops = data.stop_sequences(tokenizer, s.stop)  # the sampler stops on them too (prefixes.from_sampler)
   reference_split = split(reference) if g.kl_coef > 0 else None
   score_reference = jax.jit(lambda ref, batch: token_logprobs(ref.merge(), batch, settings["temperature"]))
 
@@ -136,7 +143,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
     batch, rollout = prefixes.from_sampler(current, group, rng=key, settings=s, tokenizer=tokenizer)
     rewards = rewards_of(batch["tokens"], batch["loss_mask"], group["index"], prompt_len=prompt_len,
                          records=source, tokenizer=tokenizer, check=check,
-                         truncated_is_wrong=g.truncated_is_wrong)
+                         truncated_is_wrong=g.truncated_is_wrong,
+                         stop_sequences=stops)
     advantages = grpo.group_advantages(jnp.asarray(rewards), g.group_size, normalize_std=g.normalize_std)
     batch = dict(batch, old_logprobs=batch.pop("behavior_logprobs"),
                  advantages=jax.device_put(advantages, sharding.batch_sharding(mesh, 1)))
