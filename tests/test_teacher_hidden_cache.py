@@ -15,7 +15,7 @@ import pytest
 
 import config_files
 from kldistill_jax import data, objectives, sampling
-from kldistill_jax.train import flops, runner, setup, step, trajectories
+from kldistill_jax.train import flops, runner, setup, step, teacher_states, trajectories
 from kldistill_jax.train import state as state_lib
 
 STEPS, LAM = 3, 0.5
@@ -33,7 +33,7 @@ def _config(**overrides):
 # ----------------------------------------------------------------------------- bytes per token
 
 def test_bytes_per_token_by_hand():
-  qwen3_4b = trajectories.bytes_per_token(hidden_size=2560, vocab_size=151_936, top_k=20)
+  qwen3_4b = teacher_states.bytes_per_token(hidden_size=2560, vocab_size=151_936, top_k=20)
   assert qwen3_4b == {"hidden_states": 2560 * 2, "top_k": 20 * (4 + 4), "logits": 151_936 * 2, "rows": 20}
   assert round(100 * qwen3_4b["hidden_states"] / qwen3_4b["logits"], 2) == 1.68  # D / V
 
@@ -44,10 +44,8 @@ def test_head_round_trips_in_its_dtype(tmp_path):
   for dtype in (jnp.bfloat16, jnp.float32):
     head = jax.random.normal(jax.random.key(0), (16, 40)).astype(dtype)
     teacher = type("Teacher", (), {"output_head": lambda self, head=head: head})()
-    path = tmp_path / jnp.dtype(dtype).name
-    info = trajectories._write_head(path, teacher)  # pylint: disable=protected-access
-    (path / trajectories.INFO).write_text(json.dumps({"hidden_states": True, **info}))
-    loaded = trajectories.teacher_head(path, mesh)
+    file = tmp_path / jnp.dtype(dtype).name / "head.npy"
+    loaded = teacher_states.load_head(file, teacher_states.write_head(file, teacher), mesh)
     assert loaded.dtype == dtype and loaded.sharding.mesh == mesh
     np.testing.assert_array_equal(np.asarray(loaded).view(np.uint8), np.asarray(head).view(np.uint8))
 
@@ -117,28 +115,30 @@ def first_step(run):
   rows = trajectories.TrajectorySource(workdir / "trajectories")
   batch = {k: jnp.asarray(np.stack([rows[i][k] for i in range(config.batch_size)]))
            for k in trajectories.KEYS + trajectories.HIDDEN_KEYS}
-  live_batch = {k: v for k, v in batch.items() if k != step.TEACHER_HIDDEN}
   objective = setup.make_objective(config)
   split = state_lib.split(student)
   frozen = state_lib.Split(split.graphdef, None, split.rest)
 
-  def loss(fused):
-    return jax.jit(lambda batch, teacher: step.loss_and_metrics(split.params, batch, teacher, student=frozen,
-                                                                objective=objective, fused=fused))
+  @jax.jit  # one program: one compilation
+  def recompute(params, teacher, head, batch):
+    def loss(batch, teacher, fused=True):
+      return step.loss_and_metrics(params, batch, teacher, student=frozen, objective=objective, fused=fused)
+    live_batch = {k: v for k, v in batch.items() if k != step.TEACHER_HIDDEN}
+    model, teacher_model = frozen.merge(params), teacher.merge()
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    positions = sampling.prompt_positions(mask)
+    t_hidden, _ = teacher_model(tokens, positions, None, mask, return_hidden=True)
+    s_hidden, _ = model(tokens, positions, None, mask, return_hidden=True)
+    rounded = objectives.compute_from_hidden(objective, s_hidden, model.output_head(),
+                                             t_hidden.astype(jnp.bfloat16).astype(jnp.float32),
+                                             teacher_model.output_head(), batch)
+    return dict(cached=loss(batch, head), live=loss(live_batch, teacher), unfused=loss(batch, head, False),
+                rounded=rounded, t_hidden=t_hidden, s_logits=model(tokens, positions, None, mask)[0],
+                teacher_head=teacher_model.output_head())
 
   head = trajectories.teacher_head(workdir / "trajectories", mesh)
-  mask = batch["attention_mask"]
-  positions = sampling.prompt_positions(mask)
-  t_hidden, _ = teacher(batch["tokens"], positions, None, mask, return_hidden=True)
-  s_logits, _ = student(batch["tokens"], positions, None, mask)
-  return dict(batch=batch, cached=loss(True)(batch, head), live=loss(True)(live_batch, state_lib.split(teacher)),
-              unfused=loss(False)(batch, head),
-              rounded=jax.jit(lambda b, h: objectives.compute_from_hidden(
-                  objective, student(b["tokens"], positions, None, mask, return_hidden=True)[0],
-                  student.output_head(), h.astype(jnp.bfloat16).astype(jnp.float32), teacher.output_head(),
-                  b))(batch, t_hidden),
-              head=head, teacher_head=teacher.output_head(), t_hidden=t_hidden, s_logits=s_logits,
-              config=config, teacher_config=teacher.config)
+  out = recompute(split.params, state_lib.split(teacher), head, batch)
+  return dict(out, batch=batch, head=head, config=config, teacher_config=teacher.config)
 
 
 def test_cache_holds_the_teachers_states_and_head(first_step):
@@ -225,7 +225,7 @@ def test_flops_count_the_head_only(run, first_step):
 
 def test_stored_bytes_per_token(run):
   workdir, _, _ = run
-  sizes = trajectories.bytes_per_token(hidden_size=128, vocab_size=40, top_k=4)
+  sizes = teacher_states.bytes_per_token(hidden_size=128, vocab_size=40, top_k=4)
   assert trajectories.stored_bytes_per_token(workdir / "trajectories") == sizes["rows"] + sizes["hidden_states"]
   shard = trajectories.shard_dir(workdir / "trajectories", 0, 0)
   payload = sum(np.load(f, mmap_mode="r").nbytes for f in shard.glob("*.npy"))

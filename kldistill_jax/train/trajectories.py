@@ -10,10 +10,10 @@ estimator then needs no teacher at all during training (teacher_logprobs come fr
 estimator re-scores the cached tokens with one teacher forward (no generation), unless
 `teacher_cache.top_k` > 0 stored the teacher's top-k log-probs per token too (teacher_topk_ids /
 teacher_topk_logprobs, [N, L, k]): the exact forward KL then needs no teacher either. With
-`teacher_cache.hidden_states` the rows hold the teacher's final (post-norm) hidden states instead
+`teacher_cache.hidden_states` the rows also hold the teacher's final (post-norm) hidden states
 (teacher_hidden, bfloat16 [N, L, D]) and the cache its output head [D, V] once (teacher_head.npy): every
 exact KL (forward, reverse, mixed, any loss temperature) is then computed from them through the fused loss,
-with no teacher forward and without the teacher's other parameters (`teacher_head`).
+with no teacher forward and without the teacher's other parameters (`teacher_states`, `teacher_head`).
 
 Layout (it scales with the cache: no host ever holds more than one batch of it in memory):
 
@@ -48,15 +48,13 @@ import shutil
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from kldistill_jax import data, objectives, sampling
 from kldistill_jax.models import sharding
-from kldistill_jax.train import distributed, flops, prefixes, setup
+from kldistill_jax.train import distributed, flops, prefixes, setup, teacher_states
 from kldistill_jax.train.step import TEACHER_HIDDEN
 
 INFO = "trajectories.json"
@@ -65,7 +63,6 @@ KEYS = ("tokens", "attention_mask", "loss_mask", "behavior_logprobs", "teacher_l
 TOPK_KEYS = objectives.TOPK_KEYS  # stored only when teacher_cache.top_k > 0
 HIDDEN_KEYS = (TEACHER_HIDDEN,)  # stored (bfloat16) only when teacher_cache.hidden_states
 HEAD_FILE = "teacher_head.npy"
-HIDDEN_DTYPE = jnp.bfloat16
 # What the rows depend on: key in trajectories.json -> (the setting's name in errors, its value).
 SETTINGS = {
     "top_k": ("teacher_cache.top_k", lambda c: c.teacher_cache.top_k),
@@ -130,8 +127,9 @@ class TrajectorySource:
 
   def _open(self, process, batch):
     directory = shard_dir(self._path, process, batch)
-    return {k: _from_disk(np.load(directory / f"{k}.npy", mmap_mode="r"), HIDDEN_DTYPE if k in HIDDEN_KEYS
-                          else None) for k in self._keys}
+    return {k: teacher_states.from_disk(np.load(directory / f"{k}.npy", mmap_mode="r"),
+                                        teacher_states.DTYPE if k in HIDDEN_KEYS else None)
+            for k in self._keys}
 
   def __len__(self):
     return self._batches * self.rows_per_batch
@@ -180,7 +178,8 @@ def build(teacher, source, tokenizer, config, path, *, mesh):
     raise ValueError(f"teacher_cache.num_trajectories={count} must be a multiple of "
                      f"batch_size={config.batch_size}")
   process = jax.process_index()
-  head = _write_head(path, teacher) if hidden else {}  # rewritten by a resumed build: the same teacher
+  # The head before any shard (a resumed build rewrites it: the same teacher), its dtype in the json.
+  head = {"teacher_head_dtype": teacher_states.write_head(path / HEAD_FILE, teacher)} if hidden else {}
   _write_json(path / INFO, {**settings, **head})  # before any shard: a resumed build checks them
   batches = count // config.batch_size
   start = _first_missing(path, process, batches)
@@ -208,7 +207,7 @@ def build(teacher, source, tokenizer, config, path, *, mesh):
                                                       k=top_k, chunk_size=config.objective.chunk_size)))
       batch_flops += flops.forward_flops(teacher.config, config.batch_size, batch["tokens"].shape[1])
     if hidden:
-      batch[TEACHER_HIDDEN] = hidden_states(teacher, batch["tokens"], batch["attention_mask"])
+      batch[TEACHER_HIDDEN] = teacher_states.hidden_states(teacher, batch["tokens"], batch["attention_mask"])
       batch_flops += flops.forward_flops(teacher.config, config.batch_size, batch["tokens"].shape[1],
                                          lm_head=False)
     directory = shard_dir(path, process, i)
@@ -218,96 +217,33 @@ def build(teacher, source, tokenizer, config, path, *, mesh):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("teacher trajectory cache written")
   _write_json(path / INFO, {**settings, **head, "complete": True, "teacher_flops": total_flops})
-  logging.info("teacher trajectory cache %s: %s", path, describe_bytes(path, teacher.config))
+  logging.info("teacher trajectory cache %s: %s", path, teacher_states.describe_bytes(
+      stored_bytes_per_token(path), teacher.config.hidden_size, teacher.config.vocab_size))
   return total_flops
 
 
-def hidden_states(model, tokens, mask):
-  """bfloat16 [B, L, D]: the model's final (post-norm) hidden states on (tokens, mask), as the train
-  step's teacher forward computes them, rounded for storage."""
-  graphdef, state = nnx.split(model)
-  return _hidden_states(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _hidden_states(graphdef, state, tokens, mask):
-  hidden, _ = nnx.merge(graphdef, state)(tokens, sampling.prompt_positions(mask), None, mask,
-                                         return_hidden=True)
-  return hidden.astype(HIDDEN_DTYPE)
-
-
 def teacher_head(path, mesh):
-  """The output head [D, V] a hidden-state cache stored, on `mesh` as a model's head is sharded (embed
-  over 'fsdp', vocab over 'tensor'); each device reads only its block of the memory-mapped file."""
+  """The output head [D, V] a hidden-state cache at `path` stored, on `mesh` (`teacher_states.load_head`)."""
   path = pathlib.Path(path)
   info = _read_info(path)
   if info is None or not _hidden(info) or not (path / HEAD_FILE).is_file():
     raise FileNotFoundError(f"no teacher head at {path / HEAD_FILE}: the cache at {path} was not built "
                             "with teacher_cache.hidden_states=True")
-  stored = _from_disk(np.load(path / HEAD_FILE, mmap_mode="r"), jnp.dtype(info["teacher_head_dtype"]))
-  placed = jax.sharding.NamedSharding(mesh, sharding.spec_for(stored.shape, ("embed", "vocab"), mesh))
-  return jax.make_array_from_callback(stored.shape, placed, lambda index: np.asarray(stored[index]))
-
-
-def bytes_per_token(*, hidden_size, vocab_size, top_k):
-  """Bytes of teacher outputs one cached token costs, for each way of caching them:
-
-    hidden_states  2 D: the final hidden state in bfloat16 (plus the head, D x V, once per cache)
-    top_k          8 k: k int32 ids and k float32 log-probs (an approximation of the KL)
-    logits         2 V: every logit in bfloat16 (the exact KL without the head)
-    rows           20: what every cache stores per token besides (tokens, attention and loss masks in
-                   int32, the sampler's and the teacher's log-probs of the token in float32)
-  """
-  return {"hidden_states": 2 * hidden_size, "top_k": 8 * top_k, "logits": 2 * vocab_size, "rows": 20}
+  return teacher_states.load_head(path / HEAD_FILE, info["teacher_head_dtype"], mesh)
 
 
 def stored_bytes_per_token(path):
   """Bytes per token of the rows a built cache holds (process 0's first shard, read from the .npy
   headers; every shard has the same layout)."""
-  directory = shard_dir(path, 0, 0)
   total = tokens = 0
-  for file in sorted(directory.glob("*.npy")):
+  for file in sorted(shard_dir(path, 0, 0).glob("*.npy")):
     array = np.load(file, mmap_mode="r")
     total, tokens = total + array.nbytes, array.shape[0] * array.shape[1]
   return total // tokens
 
 
-def describe_bytes(path, teacher_config, top_k=20):
-  """One line: the cache's stored bytes per token next to the other ways of caching the teacher."""
-  sizes = bytes_per_token(hidden_size=teacher_config.hidden_size, vocab_size=teacher_config.vocab_size,
-                          top_k=top_k)
-  rows = sizes.pop("rows")
-  return (f"{stored_bytes_per_token(path)} bytes/token stored; teacher outputs per token (+{rows} for the "
-          f"tokens, masks and log-probs): hidden states {sizes['hidden_states']}, top-{top_k} "
-          f"{sizes['top_k']}, bfloat16 logits {sizes['logits']}")
-
-
 def _hidden(info):
   return info.get("hidden_states", _BEFORE_SETTINGS["hidden_states"])
-
-
-def _to_disk(x):
-  """numpy has no bfloat16 of its own (np.save would write opaque bytes): its bits as uint16."""
-  return x.view(np.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_disk(x, dtype):
-  """The stored array as `dtype` (None: as stored), without reading it (a view of the memory map)."""
-  return x if dtype is None or x.dtype == dtype else x.view(dtype)
-
-
-def _write_head(path, teacher):
-  """The teacher's output head [D, V] into `path` (each process its own copy: storage may be host-local);
-  returns what trajectories.json records of it."""
-  head = distributed.to_host(teacher.output_head())  # collective with several processes
-  file = path / HEAD_FILE
-  file.parent.mkdir(parents=True, exist_ok=True)
-  temporary = file.with_name(f".{file.name}.{jax.process_index()}.tmp")
-  with open(temporary, "wb") as f:
-    np.save(f, _to_disk(head))
-    os.fsync(f.fileno())
-  os.replace(temporary, file)
-  return {"teacher_head_dtype": head.dtype.name}
 
 
 def _read_info(path):
@@ -360,7 +296,7 @@ def _write_shard(directory, arrays, teacher_flops):
   temporary.mkdir(parents=True)
   for key, value in arrays.items():
     with open(temporary / f"{key}.npy", "wb") as f:
-      np.save(f, _to_disk(value))
+      np.save(f, teacher_states.to_disk(value))
       os.fsync(f.fileno())  # a lost machine must not leave a renamed shard with empty files
   (temporary / SHARD_INFO).write_text(json.dumps({"teacher_flops": teacher_flops}) + "\n")
   os.rename(temporary, directory)
