@@ -31,10 +31,17 @@ def _projections_per_token(config: ModelConfig) -> int:
   return 2 * d * (h + 2 * kv) * hd + 2 * h * hd * d  # q, k, v in; o out
 
 
-def _dense_per_token(config: ModelConfig) -> int:
+def head_flops(tokens: int, hidden_size: int, vocab_size: int) -> int:
+  """The output head (hidden x vocab) on `tokens` positions: all a teacher costs per training step when
+  its final hidden states are cached (`teacher_cache.hidden_states`)."""
+  return 2 * tokens * hidden_size * vocab_size
+
+
+def _dense_per_token(config: ModelConfig, lm_head: bool = True) -> int:
   """FLOPs per token of every matmul whose size does not depend on the number of keys."""
   mlp = 3 * 2 * config.hidden_size * config.intermediate_size  # gate, up, down
-  return config.num_layers * (_projections_per_token(config) + mlp) + 2 * config.hidden_size * config.vocab_size
+  head = head_flops(1, config.hidden_size, config.vocab_size) if lm_head else 0
+  return config.num_layers * (_projections_per_token(config) + mlp) + head
 
 
 def _attention_per_query_key(config: ModelConfig) -> int:
@@ -67,11 +74,12 @@ def attention_pairs(config: ModelConfig, queries: int, keys: int, offset: int = 
 
 
 def forward_flops(config: ModelConfig, batch: int, seq_len: int, *, context_len: int | None = None,
-                  offset: int = 0) -> int:
+                  offset: int = 0, lm_head: bool = True) -> int:
   """One forward pass over `seq_len` new tokens per row at slots [offset, offset + seq_len) of a key axis
-  of `context_len` slots (default: the sequence itself; a cache: its S slots), LM head on every position."""
+  of `context_len` slots (default: the sequence itself; a cache: its S slots), LM head on every position
+  (lm_head=False: up to the final hidden states, as `model(..., return_hidden=True)` computes)."""
   keys = seq_len if context_len is None else context_len
-  return batch * (seq_len * _dense_per_token(config)
+  return batch * (seq_len * _dense_per_token(config, lm_head)
                   + _attention_per_query_key(config) * attention_pairs(config, seq_len, keys, offset))
 
 
