@@ -41,7 +41,7 @@ def base_config():
   c.objective.discount = 0.0  # reward-to-go discount of the sampled reverse estimator
   c.objective.clip = placeholder(float)  # importance-weight truncation (sampled, teacher prefixes)
   c.objective.chunk_size = placeholder(int)  # positions per chunk of the full-vocabulary loss
-  c.objective.fused = True  # exact estimator: loss from hidden states, never [B, L, V] logits
+  c.objective.fused = True  # loss from hidden states in chunks (exact KL fused, sampled log-probs), never [B, L, V] logits
   # a teacher with its own tokenizer (teacher.tokenizer) scores the same text, positions matched by character
   # spans: "off" (one tokenizer) | "uld" (sorted-probability distance) | "span" (KL of span probabilities,
   # token-level KL where both sides are one shared token); exact estimator, student or dataset prefixes
@@ -159,4 +159,11 @@ def base_config():
   # generation_config.json (eval.temperature / eval.max_new_tokens); stage exports (*/model) stay lossless
   c.export = ml_collections.ConfigDict()
   c.export.dtype = "bfloat16"  # parameter dtype of those exports: bfloat16 | float32 (the exact masters)
+
+  # Weights & Biases (pip install ".[wandb]"): one W&B run per metrics workdir with the same scalars as
+  # TensorBoard and the resolved config (and the study report's plots); WANDB_MODE=offline works offline
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ""  # "" = off (wandb is then never imported)
+  c.log.wandb_entity = ""  # W&B team or user; "" = your default
+  c.log.wandb_group = ""  # groups the runs (e.g. a study's); "" = none
   return c

@@ -21,7 +21,7 @@ from flax import nnx
 from kldistill_jax import data as data_lib, progress
 from kldistill_jax.errors import Preempted, UserError
 from kldistill_jax.train import (cross_tokenizer, curriculum, distributed, flops, prefixes, preemption, setup,
-                                 trajectories)
+                                 tracking, trajectories)
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -149,7 +149,8 @@ def run_loop(config, workdir, *, mesh, state, iterator, meta, one_step, desc, po
     # At WARNING: a rerun that resumed (and from where) is the first thing a user wants confirmed.
     logging.warning("%s: resumed from checkpoint step %d of %d (workdir %s)", desc, start, config.steps,
                     workdir)
-  writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start)
+  writer = MetricsWriter(workdir, process_index=jax.process_index(), resume_step=start,
+                         tracker=tracking.start(config, workdir))
   base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))  # state.rng is donated
   bar = progress.bar(config.steps, desc, initial=start)  # "compiling..." until the first step is done
   try:

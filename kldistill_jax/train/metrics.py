@@ -1,4 +1,5 @@
-"""Training metrics as JSON lines (`workdir/metrics.jsonl`) and TensorBoard scalars (`workdir/tensorboard`).
+"""Training metrics as JSON lines (`workdir/metrics.jsonl`), TensorBoard scalars (`workdir/tensorboard`) and,
+when asked for (`log.wandb_project`), the same scalars in Weights & Biases (`tracking`).
 
 Each `write` appends one line `{"step": 7, "loss": 0.25, ...}`. JSON has no NaN or infinity, so non-finite
 values are written as the strings "nan", "inf" and "-inf" (`read_metrics` turns them back into floats).
@@ -60,11 +61,12 @@ class MetricsWriter:
 
   resume_step: the restored checkpoint's step. Records after it (written by a run that died before its
   next checkpoint) are moved to metrics.superseded.jsonl and hidden in TensorBoard, so every step appears
-  once in metrics.jsonl.
+  once in metrics.jsonl. tracker: a `tracking.WandbRun` that gets every record too (closed by `close`).
   """
 
-  def __init__(self, workdir, *, process_index: int = 0, resume_step: int | None = None):
+  def __init__(self, workdir, *, process_index: int = 0, resume_step: int | None = None, tracker=None):
     self._active = process_index == 0
+    self._tracker = tracker
     if not self._active:
       return
     workdir = pathlib.Path(workdir)
@@ -93,9 +95,13 @@ class MetricsWriter:
     for name, value in values.items():
       self._tensorboard.add_scalar(name, value, int(step))
     self._tensorboard.flush()
+    if self._tracker is not None:
+      self._tracker.log(step, values)
 
   def close(self):
     if not self._active:
       return
     self._file.close()
     self._tensorboard.close()
+    if self._tracker is not None:
+      self._tracker.finish()

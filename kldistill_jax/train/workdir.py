@@ -31,8 +31,9 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 
 # Fields that only observe or extend a run: changing them on a rerun is logged, not refused.
-OBSERVE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints")
-OBSERVE_SECTIONS = ("mesh.", "distributed.", "export.", "study.")
+# remat changes what the backward pass recomputes, not its values: a resume may trade memory for compute.
+OBSERVE_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "student.remat", "teacher.remat")
+OBSERVE_SECTIONS = ("mesh.", "distributed.", "export.", "study.", "log.")
 # Evaluation settings never reach the update, except through the curriculum's held-out entropy probe,
 # which samples the eval split with these: with the curriculum on, only these may change.
 EVAL_OUTPUT_ONLY = ("eval.max_new_tokens", "eval.temperature", "eval.samples_per_prompt", "eval.pass_k",
