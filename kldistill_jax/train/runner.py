@@ -243,13 +243,13 @@ def run_distill(config, workdir):
       preemption.raise_if_requested("before building the teacher trajectory cache")
       cache = workdir / "trajectories"
       cache_flops = trajectories.build(teacher, train_source, tokenizer, config, cache, mesh=mesh)
-    if config.teacher_cache.hidden_states:  # the step needs only the stored head: the teacher is freed
-      teacher_head, teacher = trajectories.teacher_head(cache, mesh), None
     curriculum_probe = _probe(config, tokenizer, eval_records, mesh, check, config.curriculum.eval_problems,
                               "curriculum: entropy")
     curriculum_config, h_min_record, h_min_flops = _relative_h_min(config, curriculum_config, curriculum_probe,
                                                                    teacher)
     probe = _probe(config, tokenizer, eval_records, mesh, check, config.eval.probe_problems, "probe")
+    if config.teacher_cache.hidden_states:  # the step needs only the stored head: the teacher is freed
+      teacher_head, teacher = trajectories.teacher_head(cache, mesh), None
     student, meta = train_stage(config, workdir, student=student, teacher=teacher, objective=objective,
                                 tokenizer=tokenizer, source=train_source, mesh=mesh,
                                 desc=f"distill ({objective.prefix} prefixes, {objective.kl} KL)",
