@@ -3,10 +3,11 @@ machine, nothing to download (no tokenizer, no checkpoint).
 
 Launch:
   python run.py --config configs/gsm8k.py:smoke --workdir /tmp/gsm8k_smoke   # seconds: tests
-  python run.py --config configs/gsm8k.py --workdir /tmp/gsm8k                # minutes on 2 CPU cores
+  python run.py --config configs/gsm8k.py --workdir /tmp/gsm8k                # fits the teacher first
   python run.py --config configs/gsm8k.py --workdir /tmp/gsm8k_full \
       --config.data.train_path=/data/gsm8k/train.jsonl --config.data.eval_path=/data/gsm8k/test.jsonl \
-      --config.data.prompt_len=1024 --config.data.response_len=1024 --config.data.too_long=skip
+      --config.data.prompt_len=1024 --config.data.response_len=1024 --config.data.too_long=skip \
+      --config.sampling.max_new_tokens=512 --config.eval.max_new_tokens=512
 
 Data: assets/gsm8k_tiny/{train,test}.jsonl, 40 hand-written grade-school word problems in GSM8K's public
 layout (`question`, `answer` with <<calculator>> annotations and a final '#### N'; 32 train, 8 test), or
@@ -31,17 +32,19 @@ TINY = dict(TEACHER, hidden_size=32, intermediate_size=64, num_layers=1, num_hea
 
 
 def smoke(c):
-  """Seconds on CPU: one tiny architecture for both models, a few steps, short samples."""
+  """Seconds on CPU (tests): one tiny architecture for both models, 2 on-policy steps, 16-byte samples, a
+  random teacher (no fitting stage) and evaluation sampling like training, so the sampler compiles once."""
   c.steps = 2
   c.batch_size = 8
   c.log_every = 1
   c.checkpoint_every = 2
   c.optimizer.warmup_steps = 1
-  c.teacher.train_steps = 2
+  c.teacher.train_steps = 0
   c.teacher.model.update(TINY)
   c.student.model.update(TINY)
   c.sampling.max_new_tokens = 16
   c.eval.max_new_tokens = 16
+  c.eval.temperature = c.sampling.temperature
   c.eval.batch_size = 8
   return c
 

@@ -86,11 +86,7 @@ def test_gsm8k_text_needs_the_byte_tokenizer_not_the_char_one(byte):
 
 
 def test_gsm8k_smoke_config_runs_end_to_end(tmp_path):
-  # The :smoke preset with fewer compiles (no teacher fitting stage, dataset prefixes: the sampler only
-  # evaluates): what is tested is text data through the whole run, not the objective.
-  config = config_files.load("gsm8k", "smoke", **{"teacher.train_steps": 0, "objective.prefix": "dataset",
-                                                  "objective.kl": "forward", "objective.lam": None})
-  summary = runner.run_distill(config, tmp_path)
+  summary = runner.run_distill(config_files.load("gsm8k", "smoke"), tmp_path)
   assert summary["student after"]["num_problems"] == 8  # every record of assets/gsm8k_tiny/test.jsonl
   metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)

@@ -10,11 +10,9 @@ It has a chat template (ChatML, as Qwen's, with Qwen3's `enable_thinking` switch
 text here (`<|im_start|>` is 12 byte tokens), so `data.template = "chat"` works on chat data too.
 """
 
-import jinja2
-import jinja2.sandbox
+import functools
 
 from kldistill_jax.data.tokenizers import check_thinking, save_hf_files
-from kldistill_jax.errors import UserError
 
 _SPECIALS = 2  # pad, EOS
 _UNUSED = "\ufffd"  # how decode shows ids past the bytes (an untrained model may sample them)
@@ -58,8 +56,12 @@ class ByteTokenizer:
 
   def __init__(self):
     self.vocab_size = -(-(256 + _SPECIALS) // 8) * 8
-    self._template = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
+
+  @functools.cached_property
+  def _template(self):
+    import jinja2.sandbox  # pylint: disable=g-import-not-at-top  (only chat templates need it)
+    return jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        CHAT_TEMPLATE)
 
   def encode(self, text: str) -> list[int]:
     return [b + _SPECIALS for b in text.encode("utf-8")]
@@ -85,10 +87,7 @@ class ByteTokenizer:
     """The conversation in ChatML with the assistant's generation prompt (`CHAT_TEMPLATE`)."""
     check_thinking(self.chat_template, enable_thinking, self.name)
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    try:
-      return self._template.render(messages=list(messages), add_generation_prompt=True, **extra)
-    except jinja2.TemplateError as e:
-      raise UserError(f"the {self.name} chat template failed on {messages!r}: {e}") from e
+    return self._template.render(messages=list(messages), add_generation_prompt=True, **extra)
 
   def to_hf(self):
     """The same tokenizer as a `transformers` fast tokenizer (a `tokenizers` file, no custom code).
