@@ -66,33 +66,6 @@ def map_position_chunks(fn, xs, chunk_size):
   return ys
 
 
-def map_position_chunks_into(fn, xs, chunk_size, buffers):
-  """`map_position_chunks` for a function with large outputs: `fn(*chunks) -> (small, large)`.
-
-  The chunks of `large` are written into `buffers` (a pytree of [B, T, ...] arrays matching `large`, e.g.
-  `lax.empty`: every position is written; each chunk is cast to its buffer's dtype) in the scan's carry, which XLA updates in place: a
-  [B, T, V] result exists once, not stacked per chunk and then copied into place. Overlapping chunks write
-  the same values twice. Not for differentiating through (no rematerialisation): use it inside a custom
-  VJP. Returns (small with leading [B, T], the filled buffers), as `fn(*xs)` would.
-  """
-  b, n = xs[0].shape[:2]
-  steps = None if chunk_size is None else max(1, chunk_size // b)
-  if steps is None or steps >= n:
-    small, large = fn(*xs)
-    return small, jax.tree.map(lambda x, buf: x.astype(buf.dtype), large, buffers)
-  c = steps
-
-  def body(bufs, i):
-    start = jnp.minimum(i * c, n - c)  # as in scan_position_chunks: the last chunk ends exactly at T
-    small, large = fn(*(lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in xs))
-    bufs = jax.tree.map(
-        lambda buf, x: lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start, axis=1), bufs, large)
-    return bufs, small
-
-  buffers, ys = lax.scan(body, buffers, jnp.arange(math.ceil(n / c)))
-  return jax.tree.map(functools.partial(_assemble, n=n), ys), buffers
-
-
 def as_batch_time(x, trailing):
   """Views x [..., T, *trailing dims] as [B, T, *trailing] (B = product of the leading dims; a leading
   sharded axis stays sharded). None passes through."""
