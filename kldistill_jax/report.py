@@ -1,48 +1,63 @@
-"""Reads a study workdir (`train.study`) and writes report.md: one table, the plots (PNG), the findings.
+"""Reads a seeded study workdir (`train.study`) and writes report.md: the tables, the findings, the plots.
 
-    study = report.load(workdir)       # entries with their results, training curves, teacher, base
+    study = report.load(workdir)       # entries with their per-seed results, curves, teacher, base
     report.write_report(workdir)       # report.md + plots/*.png
-    report.plot_accuracy_vs_entropy(study, ax)   # each figure on a matplotlib Axes (the notebook's way)
+    report.interval(study.row("opd L36").after, "accuracy")   # a stats.Spread over seeds x problems
 
-Numbers come only from files the runs wrote: results.json (held-out evaluation after training, FLOPs)
-and metrics.jsonl (training curves). Findings state each claim of the paper as a measurable comparison,
-the measured numbers, and whether this study agrees; nothing is tuned or filtered to agree.
+Numbers come only from files the runs wrote: results.json (held-out evaluation after training with every
+problem's counts, FLOPs) and metrics.jsonl (training curves), one of each per seed. Every number of an entry
+is its mean over seeds, with a 95% interval from a hierarchical bootstrap over seeds and problems (`stats`);
+findings (`findings.py`) are paired effects with such intervals. Nothing is tuned or filtered to agree.
 """
 
 import dataclasses
-import itertools
 import json
-import math
 import pathlib
 
+import numpy as np
+
+from kldistill_jax import evaluation, stats
 from kldistill_jax.errors import MissingFileError
-from kldistill_jax.train import study as study_lib
 from kldistill_jax.train.metrics import read_metrics
 
-PLOTS = ("accuracy_vs_entropy", "training_curves", "grpo", "accuracy_vs_flops")
+METRICS = ("accuracy", "entropy", "length", "truncation")  # + "pass_at_<k>"
+BOOTSTRAP = dict(level=0.95, draws=2000, seed=0)  # fixed: the report is a function of the runs' files
 
 
 @dataclasses.dataclass
 class Row:
-  """One report entry with its numbers. after/before: evaluation dicts (accuracy = Avg@n, pass_at_k, ...)."""
+  """One report entry with its numbers, one element per seed. after/before: evaluation dicts (accuracy =
+  Avg@n, pass_at_k, per_problem, ...); curves: metrics.jsonl records; curriculum: results.json's record."""
   name: str
   group: str
   run: str
   labels: dict
-  after: dict
-  before: dict
-  flops: float  # student + teacher FLOPs of this run (GRPO: RL only; see total_flops)
-  total_flops: float  # FLOPs to produce this model from the base (GRPO: its distillation run's + its own)
-  curve: list  # metrics.jsonl records
+  after: list
+  before: list
+  flops: list  # student + teacher FLOPs of this run (GRPO: RL only; see total_flops)
+  total_flops: list  # FLOPs to produce this model from the base (GRPO: its distillation run's + its own)
+  curves: list
+  curriculum: list
 
 
 @dataclasses.dataclass
 class Study:
   rows: list
-  teacher: dict
-  base: dict
+  teacher: list  # per seed
+  base: list  # per seed
+  seeds: list
   workdir: pathlib.Path
   samples_per_prompt: int  # n of Avg@n
+  timings: dict  # "seed<s>/<run>" -> wall seconds (runs this study ran; see train.study.TIMINGS)
+  _intervals: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def interval(self, per_seed_results, metric, group=None):
+    """`interval` (below), computed once per (results, metric, group): the tables and plots share them. The
+    study holds the results, so their ids are stable keys."""
+    key = (tuple(id(r) for r in per_seed_results), metric, group)
+    if key not in self._intervals:
+      self._intervals[key] = interval(per_seed_results, metric, group)
+    return self._intervals[key]
 
   def row(self, name):
     for r in self.rows:
@@ -60,357 +75,204 @@ def _flops(results):
   return float(results["flops"]["student_flops"] + results["flops"]["teacher_flops"])
 
 
+def _read(path, what):
+  if not path.is_file():
+    raise MissingFileError(f"{path}: {what} of the study has no results yet; rerun the study to finish it")
+  return json.loads(path.read_text())
+
+
+def _checked(result, path):
+  if "per_problem" not in result:
+    raise MissingFileError(f"{path}: no per-problem results (written by an older version); rerun that run "
+                           "(delete its directory) so the report can resample problems")
+  return result
+
+
 def load(workdir) -> Study:
-  """The study in `workdir` (its study.json, runs/*/results.json and metrics.jsonl)."""
+  """The study in `workdir` (its study.json, runs/seed<s>/*/results.json and metrics.jsonl)."""
   workdir = pathlib.Path(workdir)
-  entries, runs = study_lib.read_plan(workdir)
-  results, rows, teacher = {}, [], None
-  for name in runs:
-    path = workdir / "runs" / name / "results.json"
-    if not path.is_file():
-      raise MissingFileError(f"{path}: run {name!r} of the study has no results yet; rerun the study to "
-                             "finish it")
-    results[name] = json.loads(path.read_text())
-    teacher = teacher or results[name].get("teacher")
-  for e in entries:
-    r = results[e.run]
-    after = r.get("student after") or r["policy after"]
-    before = r.get("student before") or r["policy before"]
-    total = _flops(r) + (_flops(results[runs[e.run].init_from]) if runs[e.run].init_from else 0.0)
-    rows.append(Row(e.name, e.group, e.run, dict(e.labels), after, before, _flops(r), total,
-                    read_metrics(workdir / "runs" / e.run)))
-  base = json.loads((workdir / "runs" / "base" / "results.json").read_text())["base"]
-  config = json.loads((workdir / "study.json").read_text())["config"]
-  return Study(rows, teacher, base, workdir, int(config["eval"]["samples_per_prompt"]))
+  saved = json.loads((workdir / "study.json").read_text())
+  seeds = [int(s) for s in saved["seeds"]]
+  runs = saved["runs"]
+  results, teacher, base = {}, [], []
+  for seed in seeds:
+    runs_dir = workdir / "runs" / f"seed{seed}"
+    for name in runs:
+      path = runs_dir / name / "results.json"
+      results[seed, name] = _read(path, f"run {name!r} of seed {seed}")
+      for key in ("student after", "policy after", "student before", "policy before", "teacher"):
+        if key in results[seed, name]:
+          _checked(results[seed, name][key], path)
+    path = runs_dir / "base" / "results.json"
+    base.append(_checked(_read(path, f"the base model of seed {seed}")["base"], path))
+    teacher.append(next(results[seed, n]["teacher"] for n in runs if "teacher" in results[seed, n]))
+  rows = []
+  for e in saved["entries"]:
+    per_seed = [results[seed, e["run"]] for seed in seeds]
+    init_from = runs[e["run"]]["init_from"]
+    total = [_flops(r) + (_flops(results[seed, init_from]) if init_from else 0.0)
+             for seed, r in zip(seeds, per_seed)]
+    rows.append(Row(e["name"], e["group"], e["run"], dict(tuple(x) for x in e["labels"]),
+                    [r.get("student after") or r["policy after"] for r in per_seed],
+                    [r.get("student before") or r["policy before"] for r in per_seed],
+                    [_flops(r) for r in per_seed], total,
+                    [read_metrics(workdir / "runs" / f"seed{seed}" / e["run"]) for seed in seeds],
+                    [r.get("curriculum", {}) for r in per_seed]))
+  timings = json.loads((workdir / "timings.json").read_text()) if (workdir / "timings.json").is_file() else {}
+  return Study(rows, teacher, base, seeds, workdir, int(saved["config"]["eval"]["samples_per_prompt"]), timings)
+
+
+# --- numbers with intervals ----------------------------------------------------------------------------
+
+def _ratio_parts(result, metric):
+  """(num, den) per problem such that the metric over problems is sum(num) / sum(den)."""
+  p = result["per_problem"]
+  n = np.full(len(p["correct"]), float(result["samples_per_prompt"]))
+  correct = np.asarray(p["correct"], np.float64)
+  if metric == "accuracy":
+    return correct, n
+  if metric == "entropy":
+    return np.asarray(p["entropy_sum"], np.float64), np.asarray(p["tokens"], np.float64)
+  if metric == "length":
+    return np.asarray(p["tokens"], np.float64), n
+  if metric == "truncation":
+    return n - np.asarray(p["finished"], np.float64), n
+  if metric.startswith("pass_at_"):
+    k = int(metric.rsplit("_", 1)[1])
+    return np.asarray(evaluation.pass_at_k(n.astype(int), correct.astype(int), k), np.float64).reshape(-1), \
+        np.ones_like(n)
+  raise ValueError(f"unknown metric {metric!r}; known: {METRICS} and pass_at_<k>")
+
+
+def arm(per_seed_results, metric, group=None):
+  """One run's metric as a `stats` arm: [(num, den)] per seed, optionally only the problems of `group`."""
+  out = []
+  for result in per_seed_results:
+    num, den = _ratio_parts(result, metric)
+    if group is not None:
+      keep = np.asarray([g == group for g in result["per_problem"]["group"]])
+      num, den = num[keep], den[keep]
+    out.append((num, den))
+  return out
+
+
+def interval(per_seed_results, metric, group=None) -> stats.Spread:
+  """Mean over seeds, its 95% interval over seeds x problems, and the seed / problem spreads."""
+  return stats.spread(arm(per_seed_results, metric, group), **BOOTSTRAP)
+
+
+def effect(plus, minus, metric, when="after") -> stats.Interval:
+  """Paired effect mean(plus rows) - mean(minus rows) of `metric` (rows matched pairwise by position), with
+  its interval; `when`: "after" or "before" (GRPO rows: before RL)."""
+  arms = [arm(getattr(r, when), metric) for r in (*plus, *minus)]
+  weights = [1.0 / len(plus)] * len(plus) + [-1.0 / len(minus)] * len(minus)
+  return stats.bootstrap(arms, weights, **BOOTSTRAP)
+
+
+def _cell(spread, digits=3):
+  i = spread.interval
+  return f"{i.estimate:.{digits}f} [{i.low:.{digits}f}, {i.high:.{digits}f}]"
 
 
 def _pass_keys(study):
-  keys = {k for r in study.rows for k in r.after if k.startswith("pass_at_") and k != "pass_at_1"}
+  keys = {k for r in study.rows for k in r.after[0] if k.startswith("pass_at_") and k != "pass_at_1"}
   return sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))
 
 
-def table(study) -> str:
-  """Markdown table: one line per entry, plus the teacher and the shared base model."""
-  pass_keys = _pass_keys(study)
-  header = (["entry", "group", f"Avg@{study.samples_per_prompt}"] + [f"Pass@{k.rsplit('_', 1)[1]}" for k in pass_keys]
-            + ["mean length", "entropy", "truncated", "FLOPs (run)", "FLOPs (from base)"])
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-  def line(name, group, result, run_flops, total_flops):
-    cells = [name, group, f"{result['accuracy']:.3f}"] + [f"{result.get(k, float('nan')):.3f}" for k in pass_keys]
-    cells += [f"{result['mean_length']:.1f}", f"{result['entropy']:.3f}", f"{result['truncation_rate']:.3f}",
-              run_flops, total_flops]
-    lines.append("| " + " | ".join(cells) + " |")
-
-  line("teacher", "-", study.teacher, "-", "-")
-  line("base student", "-", study.base, "-", "-")
+def _all_results(study):
+  """(name, group, per-seed results, run FLOPs, FLOPs from base) for the teacher, the base and each entry."""
+  yield "teacher", "-", study.teacher, None, None
+  yield "base student", "-", study.base, None, None
   for r in study.rows:
-    line(r.name, r.group, r.after, f"{r.flops:.2e}", f"{r.total_flops:.2e}")
+    yield r.name, r.group, r.after, r.flops, r.total_flops
+
+
+def table(study) -> str:
+  """Markdown table: one line per entry (mean over seeds [95% interval]), plus the teacher and the base."""
+  pass_keys = _pass_keys(study)
+  n = study.samples_per_prompt
+  header = (["entry", "group", f"Avg@{n} [95% CI]", "sd seeds", "sd problems"]
+            + [f"Pass@{k.rsplit('_', 1)[1]} [95% CI]" for k in pass_keys]
+            + ["mean length", "entropy [95% CI]", "truncated", "FLOPs (run)", "FLOPs (from base)"])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, group, results, run_flops, total_flops in _all_results(study):
+    accuracy = study.interval(results, "accuracy")
+    cells = [name, group, _cell(accuracy), f"{accuracy.seed_sd:.3f}", f"{accuracy.problem_sd:.3f}"]
+    cells += [_cell(study.interval(results, k)) for k in pass_keys]
+    cells += [f"{study.interval(results, 'length').interval.estimate:.1f}",
+              _cell(study.interval(results, "entropy")),
+              f"{study.interval(results, 'truncation').interval.estimate:.3f}",
+              f"{np.mean(run_flops):.2e}" if run_flops else "-", f"{np.mean(total_flops):.2e}" if total_flops else "-"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def group_table(study) -> str:
   """Markdown table of Avg@n per held-out group (the built-in task's difficulty = number of terms, or each
-  benchmark file), one line per entry."""
-  groups = sorted({g for r in study.rows for g in r.after.get("by_group", {})}, key=lambda g: (len(g), g))
-  header = ["entry"] + [f"{g} (n={study.rows[0].after['by_group'][g]['num_problems']})" for g in groups]
+  benchmark file), mean over seeds [95% interval], one line per entry."""
+  per_seed = [result["per_problem"]["group"] for result in study.teacher]  # every run of a seed: the same
+  groups = sorted({g for seed in per_seed for g in seed if g is not None}, key=lambda g: (len(g), g))
+
+  def count(g):  # problems per seed (the built-in task draws each seed's own problems)
+    counts = [seed.count(g) for seed in per_seed]
+    return str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+
+  def cell(results, g):
+    return _cell(study.interval(results, "accuracy", g)) if all(g in seed for seed in per_seed) else "-"
+
+  header = ["entry"] + [f"{g} (n={count(g)})" for g in groups]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for name, result in [("teacher", study.teacher), ("base student", study.base)] + [(r.name, r.after)
-                                                                                    for r in study.rows]:
-    by_group = result.get("by_group", {})
-    lines.append("| " + " | ".join([name] + [f"{by_group[g]['accuracy']:.3f}" if g in by_group else "-"
-                                             for g in groups]) + " |")
+  for name, _, results, _, _ in _all_results(study):
+    lines.append("| " + " | ".join([name] + [cell(results, g) for g in groups]) + " |")
   return "\n".join(lines)
 
 
-# --- plots: each draws on the given Axes --------------------------------------------------------------
-
-_GROUP_MARKERS = {"cells": "o", "mixing": "s", "curriculum": "^", "grpo": "*"}
-
-
-def _by_run(study):
-  """[(first row, label)]: one point per run; entries that share a run share its point and label."""
-  names, first = {}, {}
-  for r in study.rows:
-    names.setdefault(r.run, []).append(r.name)
-    first.setdefault(r.run, r)
-  return [(first[run], " = ".join(labels)) for run, labels in names.items()]
-
-
-def plot_accuracy_vs_entropy(study, ax):
-  for r, label in _by_run(study):
-    ax.scatter(r.after["entropy"], r.after["accuracy"], marker=_GROUP_MARKERS[r.group], s=60)
-    ax.annotate(label, (r.after["entropy"], r.after["accuracy"]), fontsize=6, xytext=(3, 3),
-                textcoords="offset points")
-  for name, result in (("teacher", study.teacher), ("base", study.base)):
-    ax.scatter(result["entropy"], result["accuracy"], marker="x", color="black", s=60)
-    ax.annotate(name, (result["entropy"], result["accuracy"]), fontsize=7, xytext=(3, -9),
-                textcoords="offset points")
-  ax.set_xscale("log")  # the base model sits an order of magnitude above the distilled students
-  ax.set_xlabel("mean per-token entropy (nats, log scale), held-out samples")
-  ax.set_ylabel("accuracy (Avg@n)")
-  ax.set_title("accuracy vs entropy")
-
-
-def _curve(rows, key):
-  points = [(m["step"], m[key], m.get("student_flops", 0.0) + m.get("teacher_flops", 0.0))
-            for m in rows if key in m]
-  return points
-
-
-def _curve_key(row):
-  return "probe_entropy" if any("probe_entropy" in m for m in row.curve) else "rollout_entropy"
-
-
-def plot_training_curves(study, axes, x="step"):
-  """Entropy and length of the student's own samples over training (probe metrics when logged, else the
-  rollout's), distillation runs at the long length; x = "step" or "flops"."""
-  rows = [r for r in study.rows if r.group in ("cells", "curriculum") and r.labels.get("length") == max(
-      row.labels.get("length", 0) for row in study.rows)]
-  seen = set()
-  for r in rows:
-    if r.run in seen:
-      continue
-    seen.add(r.run)
-    for ax, kind in zip(axes, ("entropy", "length")):
-      key = _curve_key(r) if kind == "entropy" else ("probe_length" if any("probe_length" in m for m in r.curve)
-                                                    else "response_length")
-      points = _curve(r.curve, key)
-      if points:
-        xs = [p[0] if x == "step" else p[2] for p in points]
-        ax.plot(xs, [p[1] for p in points], label=r.name, marker=".")
-  for ax, kind in zip(axes, ("entropy (nats/token)", "response length (tokens)")):
-    ax.set_xlabel("step" if x == "step" else "FLOPs (student + teacher)")
-    ax.set_ylabel(kind)
-    if x == "flops":
-      ax.set_xscale("log")
-  axes[0].legend(fontsize=6)
-  axes[0].set_title("student entropy over training")
-  axes[1].set_title("student length over training")
-
-
-def plot_grpo(study, axes):
-  """Pre/post-GRPO accuracy per starting student, and the reward over GRPO steps."""
-  rows = study.group("grpo")
-  names = [r.labels.get("init", r.name) for r in rows]
-  xs = range(len(rows))
-  axes[0].bar([x - 0.2 for x in xs], [r.before["accuracy"] for r in rows], width=0.4, label="before GRPO")
-  axes[0].bar([x + 0.2 for x in xs], [r.after["accuracy"] for r in rows], width=0.4, label="after GRPO")
-  axes[0].set_xticks(list(xs), names, fontsize=7)
-  axes[0].set_ylabel("accuracy (Avg@n)")
-  axes[0].set_title("GRPO from distilled students")
-  axes[0].legend(fontsize=7)
-  for r in rows:
-    points = _curve(r.curve, "reward")
-    axes[1].plot([p[0] for p in points], [p[1] for p in points], label=r.labels.get("init", r.name), marker=".")
-  axes[1].set_xlabel("GRPO step")
-  axes[1].set_ylabel("mean reward of the rollouts")
-  axes[1].legend(fontsize=7)
-
-
-def plot_accuracy_vs_flops(study, ax):
-  for r, label in _by_run(study):
-    ax.scatter(r.total_flops, r.after["accuracy"], marker=_GROUP_MARKERS[r.group], s=60)
-    ax.annotate(label, (r.total_flops, r.after["accuracy"]), fontsize=6, xytext=(3, 3),
-                textcoords="offset points")
-  ax.set_xscale("log")
-  ax.set_xlabel("FLOPs from the base model (student + teacher; GRPO includes its distillation)")
-  ax.set_ylabel("accuracy (Avg@n)")
-  ax.set_title("accuracy vs compute")
-
-
-def save_plots(study, directory):
-  """Every figure as a PNG in `directory`; returns {name: path}."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  paths = {}
-
-  def save(name, fig):
-    fig.tight_layout()
-    paths[name] = directory / f"{name}.png"
-    fig.savefig(paths[name], dpi=110)
-    plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(7, 5))
-  plot_accuracy_vs_entropy(study, ax)
-  save("accuracy_vs_entropy", fig)
-  fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-  plot_training_curves(study, axes[0], x="step")
-  plot_training_curves(study, axes[1], x="flops")
-  save("training_curves", fig)
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  plot_grpo(study, axes)
-  save("grpo", fig)
-  fig, ax = plt.subplots(figsize=(7, 5))
-  plot_accuracy_vs_flops(study, ax)
-  save("accuracy_vs_flops", fig)
-  return paths
-
-
-# --- findings ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Finding:
-  claim: str  # the paper's claim as this study tests it
-  measured: str  # the numbers
-  agrees: bool | None  # None: the study lacks the runs to say
-
-
-def _acc(r):
-  return r.after["accuracy"]
-
-
-def _better(a, b):
-  """True/False when accuracy a is above/below b by more than two standard errors of the difference, None
-  when the gap is within that noise. Accuracy is a mean over problems of each problem's Avg@n, whose variance
-  is at most p(1-p) per problem (a problem's n samples are correlated, so they are not counted as n draws):
-  se = sqrt(pa(1-pa)/problems_a + pb(1-pb)/problems_b), a conservative bound."""
-  pa, pb = a["accuracy"], b["accuracy"]
-  problems_a, problems_b = max(a.get("num_problems", 1), 1), max(b.get("num_problems", 1), 1)
-  se = math.sqrt(pa * (1 - pa) / problems_a + pb * (1 - pb) / problems_b)
-  if abs(pa - pb) <= 2 * se:
-    return None
-  return pa > pb
-
-
-def _all(verdicts):
-  """Agreement over several comparisons: False if any disagrees, None if all are within noise."""
-  verdicts = list(verdicts)
-  if any(v is False for v in verdicts):
-    return False
-  return True if any(v for v in verdicts) else None
-
-
-def _ent(r):
-  return r.after["entropy"]
-
-
-def _cells(study, **labels):
-  return [r for r in study.group("cells") if all(r.labels.get(k) == v for k, v in labels.items())]
-
-
-def _pairs(study, key, first, second, *, over):
-  """[(values of the `over` labels, cell with key=first, cell with key=second)] for every combination of the
-  `over` labels where both cells exist: the matched comparisons of one design axis."""
-  cells = study.group("cells")
-  out = []
-  for combo in itertools.product(*[sorted({r.labels[k] for r in cells}) for k in over]):
-    fixed = dict(zip(over, combo))
-    a, b = _cells(study, **fixed, **{key: first}), _cells(study, **fixed, **{key: second})
-    if a and b:
-      out.append((combo, a[0], b[0]))
-  return out
-
-
-def findings(study) -> list:
-  """The paper's claims, each as a comparison on this study's numbers."""
-  out = []
-
-  # 1. KL direction: reverse (mode-seeking) gives lower entropy than forward, trading off accuracy.
-  pairs = _pairs(study, "kl", "forward", "reverse", over=("prefix", "length"))
-  if pairs:
-    measured = "; ".join(f"{p} prefixes L{n}: entropy fwd {_ent(f):.3f} / rev {_ent(r):.3f}, accuracy fwd "
-                         f"{_acc(f):.3f} / rev {_acc(r):.3f}" for (p, n), f, r in pairs)
-    out.append(Finding("KL direction trades accuracy against entropy: reverse KL ends with lower entropy than "
-                       "forward KL (same prefixes, same length)", measured,
-                       all(_ent(r) < _ent(f) for _, f, r in pairs)))
-
-  # 2. Prefix source: on-policy (student) prefixes give better students at matched steps, at another compute.
-  pairs = _pairs(study, "prefix", "teacher", "student", over=("kl", "length"))
-  if pairs:
-    measured = "; ".join(f"{kl} KL L{n}: accuracy teacher-prefix {_acc(t):.3f} ({t.flops:.2e} FLOPs) / "
-                         f"student-prefix {_acc(s):.3f} ({s.flops:.2e} FLOPs)" for (kl, n), t, s in pairs)
-    out.append(Finding("Prefix source trades quality against compute: student (on-policy) prefixes give higher "
-                       "accuracy than teacher prefixes at matched steps", measured,
-                       _all(_better(s.after, t.after) for _, t, s in pairs)))
-
-  # 3. Training length: the long length is less stable for reverse KL on-policy (the long-horizon failure).
-  lengths = sorted({r.labels["length"] for r in study.group("cells")})
-  if len(lengths) == 2:
-    short, long = lengths
-    pairs = _pairs(study, "length", short, long, over=("cell",))
-    measured = "; ".join(f"{c}: accuracy L{short} {_acc(s):.3f} -> L{long} {_acc(l):.3f}, entropy "
-                         f"{_ent(s):.3f} -> {_ent(l):.3f}" for (c,), s, l in pairs)
-    rev = [(s, l) for _, s, l in pairs if s.labels["kl"] == "reverse" and s.labels["prefix"] == "student"]
-    out.append(Finding(f"Training length trades accuracy against stability: on-policy reverse KL at the long "
-                       f"length L{long} ends with lower entropy than at L{short} (collapse)", measured,
-                       all(_ent(l) < _ent(s) for s, l in rev) if rev else None))
-
-  # 4. Forward-heavy mixing fixes the long-horizon failure.
-  mixing = sorted(study.group("mixing"), key=lambda r: r.labels["lam"])
-  if len(mixing) >= 2:
-    best = max(mixing, key=_acc)
-    pure_reverse = [r for r in mixing if r.labels["lam"] == 1.0]
-    measured = ", ".join(f"lam={r.labels['lam']:g}: {_acc(r):.3f} (entropy {_ent(r):.3f})" for r in mixing)
-    agrees = None
-    if pure_reverse:
-      beats = _better(best.after, pure_reverse[0].after)
-      agrees = None if beats is None else (best.labels["lam"] < 0.5 and beats)
-    out.append(Finding("Forward-heavy KL mixing (reverse weight lam < 0.5) is best at the long length and beats "
-                       "pure reverse KL", f"{measured}; best lam={best.labels['lam']:g}", agrees))
-
-  # 5. The entropy-gated curriculum fixes the long-horizon failure.
-  fixed = [r for r in study.group("curriculum") if not r.labels.get("curriculum")]
-  gated = [r for r in study.group("curriculum") if r.labels.get("curriculum")]
-  if fixed and gated:
-    f, g = fixed[0], gated[0]
-    decisions = [m for m in g.curve if "curriculum_entropy" in m]
-    path = " -> ".join(f"{m['training_length']:g}" for m in decisions)
-    out.append(Finding("The entropy-gated length curriculum beats training at the fixed long length",
-                       f"fixed: accuracy {_acc(f):.3f}, entropy {_ent(f):.3f}; curriculum: accuracy {_acc(g):.3f}, "
-                       f"entropy {_ent(g):.3f} (stage lengths {path})", _better(g.after, f.after)))
-
-  # 6. The best standalone objective is not the best initialisation for RL.
-  grpo = study.group("grpo")
-  if len(grpo) >= 2:
-    best_before = max(grpo, key=lambda r: r.before["accuracy"])
-    best_after = max(grpo, key=_acc)
-    measured = "; ".join(f"from {r.labels['init']}: {r.before['accuracy']:.3f} -> {_acc(r):.3f}" for r in grpo)
-    flips = best_before.name != best_after.name
-    # a flip or a kept order only counts when both rankings are outside the noise
-    clear = (_better(best_before.before, [r for r in grpo if r is not best_before][0].before) is not None
-             and (best_before is best_after or _better(best_after.after, best_before.after) is not None))
-    out.append(Finding("The best distilled student is not the best initialisation for GRPO (the ranking flips)",
-                       measured, flips if clear else None))
-  return out
-
-
-def verdict(finding):
-  return {True: "agrees", False: "DISAGREES", None: "within noise"}[finding.agrees]
+def wall_time(study) -> str:
+  """Markdown: the study's wall time from timings.json, in all, per seed and per run (mean over seeds)."""
+  if not study.timings:
+    return "No timings recorded (timings.json is written as the study runs its runs)."
+  per_seed = {seed: sum(v for k, v in study.timings.items() if k.startswith(f"seed{seed}/")) for seed in study.seeds}
+  runs = {}
+  for key, seconds in study.timings.items():
+    runs.setdefault(key.split("/", 1)[1], []).append(seconds)
+  lines = [f"Total {sum(study.timings.values()) / 60:.1f} min of wall time over {len(study.timings)} runs "
+           f"({', '.join(f'seed {s}: {t / 60:.1f} min' for s, t in per_seed.items())}); runs resumed after "
+           "an interruption count only their last session. Per run (mean over the seeds that ran it, seconds):",
+           "", "| run | seconds |", "|---|---|"]
+  lines += [f"| {name} | {np.mean(v):.0f} |" for name, v in runs.items()]
+  return "\n".join(lines)
 
 
 def write_report(workdir) -> pathlib.Path:
   """workdir/report.md and workdir/plots/*.png from the study in `workdir`."""
+  from kldistill_jax import findings as findings_lib, report_plots  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   study = load(workdir)
-  paths = save_plots(study, workdir / "plots")
+  found = findings_lib.findings(study)
+  paths = report_plots.save_plots(study, workdir / "plots", found)
+  problems = study.teacher[0]["num_problems"]
   lines = ["# Distillation study", "",
-           f"Study workdir: `{workdir}`. Accuracy is Avg@n over n samples per held-out problem; Pass@k uses the "
-           "unbiased estimator; entropy is the mean per-token entropy of the model along its own held-out "
-           "samples; FLOPs count the matmuls the run's compiled programs compute (`train/flops.py`): training "
-           "compute, student + teacher (sampling, training, scoring); held-out evaluation, probes and "
-           "curriculum entropy checks (`eval_flops` in results.json) are left out, so comparisons at matched "
-           "FLOPs do not depend on how often a run was measured.", "",
+           f"Study workdir: `{workdir}`; seeds {', '.join(map(str, study.seeds))} (each sets model init, data "
+           f"order and problems, and sampling); {problems} held-out problems per seed. Accuracy is Avg@n over n "
+           "samples per held-out problem; Pass@k uses the unbiased estimator; entropy is the mean per-token "
+           "entropy of the model along its own held-out samples; FLOPs count the matmuls the run's compiled "
+           "programs compute (`train/flops.py`): training compute, student + teacher (sampling, training, "
+           "scoring); held-out evaluation, probes and curriculum entropy checks (`eval_flops` in results.json) "
+           "are left out, so comparisons at matched FLOPs do not depend on how often a run was measured.", "",
+           "Every number is the mean over seeds. [95% CI]: a hierarchical percentile bootstrap (2,000 draws, "
+           "bootstrap seed 0) that resamples seeds, then problems within each seed; sd seeds: standard "
+           "deviation of the per-seed values; sd problems: standard deviation over problems of each problem's "
+           "own score (how much problems differ).", "",
            "## Results", "", table(study), "",
            "## Accuracy by held-out group", "",
-           "Avg@n per difficulty (the built-in task: number of terms) or per benchmark file.", "",
-           group_table(study), "",
-           "## Findings against the paper", "",
-           "Each claim is tested as the stated comparison on the numbers above; a disagreement is reported, "
-           "not tuned away. Accuracy gaps within two standard errors count as within noise (the bound "
-           "sqrt(p(1-p)/problems) per run: a problem's samples are correlated); entropy comparisons are taken "
-           "as measured.", ""]
-  for f in findings(study):
-    lines += [f"- **{verdict(f)}**: {f.claim}.  ", f"  Measured: {f.measured}."]
-  lines += ["", "## Plots", ""]
-  titles = {"accuracy_vs_entropy": "Accuracy vs entropy", "training_curves":
-            "Entropy and length over training (top: steps; bottom: FLOPs)", "grpo": "Before and after GRPO",
-            "accuracy_vs_flops": "Accuracy vs FLOPs"}
-  for name in PLOTS:
-    lines += [f"### {titles[name]}", "", f"![{name}](plots/{paths[name].name})", ""]
+           "Avg@n per difficulty (the built-in task: number of terms) or per benchmark file, mean over seeds "
+           "[95% CI].", "", group_table(study), "",
+           "## Findings against the paper", "", findings_lib.METHOD, ""]
+  for f in found:
+    lines += [f"- **{f.verdict}**: {f.claim}.  ", f"  Effect: {f.effect}.  ", f"  Measured: {f.measured}."]
+  lines += ["", "## Wall time", "", wall_time(study), "", "## Plots", ""]
+  for name, title in report_plots.TITLES.items():
+    lines += [f"### {title}", "", f"![{name}](plots/{paths[name].name})", ""]
   path = workdir / "report.md"
   path.write_text("\n".join(lines))
   return path

@@ -8,10 +8,31 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import json  # noqa: E402  (after the XLA flag above)
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
+_SMOKE_STUDY_DIR = "KLD_STUDY_SMOKE_DIR"  # config_files.SMOKE_STUDY_DIR
+
+
+def pytest_configure(config):
+  """One directory for the session's smoke study (config_files.smoke_study), made by the main process
+  before xdist starts its workers, which inherit the variable, as do the notebooks' kernels."""
+  if not hasattr(config, "workerinput") and _SMOKE_STUDY_DIR not in os.environ:
+    config.smoke_study_dir = tempfile.mkdtemp(prefix="kld_study_smoke_")
+    os.environ[_SMOKE_STUDY_DIR] = config.smoke_study_dir
+
+
+def pytest_unconfigure(config):
+  directory = getattr(config, "smoke_study_dir", None)
+  if directory:
+    for _ in range(3):  # a background writer (orbax) may still add files while the tree goes
+      shutil.rmtree(directory, ignore_errors=True)
+      if not os.path.exists(directory):
+        break
+    os.environ.pop(_SMOKE_STUDY_DIR, None)
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,9 @@ def test_written_lists_only_what_exists(tmp_path):
 def test_study_names_its_report_plots_and_runs(tmp_path):
   (tmp_path / "plots").mkdir()
   (tmp_path / "plots" / "accuracy.png").write_bytes(b"")
-  (tmp_path / "runs" / "sft_short").mkdir(parents=True)
+  for seed in ("seed0", "seed1"):
+    (tmp_path / "runs" / seed / "sft_short").mkdir(parents=True)
   text = study.written(tmp_path, tmp_path / "report.md")
   assert f"report  {tmp_path / 'report.md'}" in text
   assert f"plots   {tmp_path / 'plots'}: accuracy.png" in text
-  assert f"runs    {tmp_path / 'runs'}: sft_short" in text
+  assert f"runs    {tmp_path / 'runs'}: seed0, seed1; in each: sft_short" in text
