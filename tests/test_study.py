@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import config_files
-from kldistill_jax import findings, report, report_plots, stats
-from kldistill_jax.train import runner, study
+from kldistill_jax import findings, objectives, report, report_plots, stats
+from kldistill_jax.train import runner, setup, study
 from kldistill_jax.train.metrics import read_metrics
 
 
@@ -200,3 +200,11 @@ def test_smoke_study_with_two_seeds_end_to_end(tmp_path):
   study.run_study(config, workdir)
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+
+
+def test_relative_h_min_must_be_a_finite_number_at_least_zero():
+  config = config_files.load("study", **{"curriculum.enabled": True, "curriculum.h_min_relative": -1.0})
+  with pytest.raises(ValueError, match=r"curriculum\.h_min_relative must be a finite number >= 0 \(0 = off\)"):
+    setup.make_curriculum(config, objectives.PRESETS["opd"])
+  config = config_files.load("study", **{"curriculum.enabled": True, "curriculum.h_min_relative": 0.5})
+  assert setup.make_curriculum(config, objectives.PRESETS["opd"]).h_min == config.curriculum.h_min  # set at run
