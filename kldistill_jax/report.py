@@ -91,7 +91,12 @@ def _checked(result, path):
 def load(workdir) -> Study:
   """The study in `workdir` (its study.json, runs/seed<s>/*/results.json and metrics.jsonl)."""
   workdir = pathlib.Path(workdir)
+  if not (workdir / "study.json").is_file():
+    raise MissingFileError(f"{workdir / 'study.json'}: no study plan here; is {workdir} a study workdir?")
   saved = json.loads((workdir / "study.json").read_text())
+  if "seeds" not in saved:
+    raise MissingFileError(f"{workdir / 'study.json'}: a study written before seeds (one seed, no per-problem "
+                           "results); rerun the study into a new workdir")
   seeds = [int(s) for s in saved["seeds"]]
   runs = saved["runs"]
   results, teacher, base = {}, [], []
