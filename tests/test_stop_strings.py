@@ -2,6 +2,8 @@
 on ids inside the jitted loop), keeps the stop tokens in the completion as it keeps EOS, and everything that
 reads completions (evaluation, GRPO rewards, cached trajectories) counts such a row as finished."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -92,18 +94,46 @@ def test_stop_strings_map_to_token_sequences_or_name_the_field():
     data.stop_sequences(byte, "#")
 
 
-def test_evaluation_completions_end_at_the_stop_string_and_count_as_finished():
+def test_evaluation_completions_end_at_the_stop_string_and_exports_carry_it(tmp_path):
   mesh = sharding.make_mesh(8, 1, 1)
   teacher, char = hf.load(TEACHER, mesh=mesh), data.CharTokenizer()
   records = data.ArithmeticTask(8, difficulties=(2, 3), split="test")
-  common = dict(check=data.is_correct, template="raw", prompt_len=12, max_new_tokens=24, temperature=0.0,
-                batch_size=8, rng=jax.random.key(0), mesh=mesh)
-  stopped = evaluation.evaluate(teacher, records, char, stop=("=",), **common)
+  stopped = evaluation.evaluate(teacher, records, char, check=data.is_correct, template="raw", prompt_len=12,
+                                max_new_tokens=24, temperature=0.0, batch_size=8, rng=jax.random.key(0),
+                                mesh=mesh, stop=("=",))
   # Unstopped, the shipped teacher answers "3+5=" with "3+5=8#8" or "5+3=8#8" (tests/test_evaluation.py):
   # the stop string ends it after its first "=", kept, and the row counts as finished.
   for _, text, _, ok in stopped["examples"]:
     assert len(text) == 4 and text[1] == "+" and text.endswith("=") and not ok  # no answer yet
   assert stopped["truncation_rate"] == 0.0 and stopped["mean_length"] == 4.0  # "a+b=": single-digit terms
+  # Exports write eval.stop as generation_config.json's stop_strings, which transformers reads.
+  transformers = pytest.importorskip("transformers")
+  (tmp_path / hf.GENERATION_FILE).write_text(json.dumps(hf.generation_config(temperature=0.0,
+                                                                             stop_strings=("=",))))
+  assert transformers.GenerationConfig.from_pretrained(str(tmp_path)).stop_strings == ["="]
+
+
+def test_stop_matching_agrees_with_transformers_stop_string_criteria():
+  """sampling.ends_with_stop on data.stop_sequences against transformers' StopStringCriteria (which matches
+  decoded token strings) on random byte-token rows: the same decision wherever the byte tokenizer applies."""
+  torch = pytest.importorskip("torch")
+  from transformers.generation.stopping_criteria import StopStringCriteria  # pylint: disable=g-import-not-at-top
+  byte = data.ByteTokenizer()
+  stops = ("</answer>", "\n\n", "é", "#### ")
+  rng = np.random.default_rng(2)
+  alphabet = ["</answer>", "</answe", "r>", "\n", "é", "e", "#", " ", "####", "x"]
+  texts = ["".join(rng.choice(alphabet, size=rng.integers(1, 6))) for _ in range(200)]
+  criteria = StopStringCriteria(tokenizer=byte.to_hf(), stop_strings=list(stops))
+  rows = [byte.encode(text) for text in texts]
+  width = max(map(len, rows)) + 3
+  tokens = np.zeros((len(rows), width), np.int32)  # right-padded, with the row shifted by 0-2 columns
+  mask = np.zeros_like(tokens)
+  for i, ids in enumerate(rows):
+    tokens[i, i % 3:i % 3 + len(ids)], mask[i, i % 3:i % 3 + len(ids)] = ids, 1
+  ours = np.asarray(sampling.ends_with_stop(tokens, mask, data.stop_sequences(byte, stops)))
+  for text, ids, stopped in zip(texts, rows, ours):
+    assert stopped == bool(criteria(torch.tensor([ids]), None)[0]) == text.endswith(stops), text
+  assert 20 < ours.sum() < 180  # both outcomes are exercised
 
 
 def test_grpo_rewards_and_cached_statistics_count_a_stop_as_finished():

@@ -128,7 +128,8 @@ def _export_adapter(config, workdir, directory, model, tokenizer):
 
 
 def _generation_defaults(config):
-  return dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens)
+  stops = {"stop_strings": tuple(config.eval.stop)} if config.eval.stop else {}  # transformers' stop_strings
+  return dict(temperature=config.eval.temperature, max_new_tokens=config.eval.max_new_tokens, **stops)
 
 
 def _probe(config, tokenizer, records, mesh, check, problems, label):
