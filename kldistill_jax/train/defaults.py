@@ -40,7 +40,7 @@ def base_config():
   c.objective.temperature = 1.0  # divides teacher and student logits in the loss
   c.objective.discount = 0.0  # reward-to-go discount of the sampled reverse estimator
   c.objective.clip = placeholder(float)  # importance-weight truncation (sampled, teacher prefixes)
-  c.objective.chunk_size = placeholder(int)  # positions per chunk of the full-vocabulary loss
+  c.objective.chunk_size = placeholder(int)  # positions per chunk of the full-vocabulary loss (and GRPO log-probs)
   c.objective.fused = True  # loss from hidden states in chunks (exact KL fused, sampled log-probs), never [B, L, V] logits
   # a teacher with its own tokenizer (teacher.tokenizer) scores the same text, positions matched by character
   # spans: "off" (one tokenizer) | "uld" (sorted-probability distance) | "span" (KL of span probabilities,
@@ -147,7 +147,7 @@ def base_config():
   c.eval.stop = ()  # stop strings of held-out sampling besides EOS (see sampling.stop); a stop ends a row as EOS does
   c.eval.samples_per_prompt = 1  # n completions per problem: accuracy is Avg@n
   c.eval.pass_k = (1,)  # Pass@k (unbiased estimator from the n samples) for each k <= n
-  c.eval.truncated_is_wrong = True  # no EOS within max_new_tokens counts as wrong; False: the check decides
+  c.eval.truncated_is_wrong = True  # no EOS / stop string within max_new_tokens is wrong; False: the check decides
   c.eval.seed = 0
   c.eval.probe_every = 0  # > 0: every N distillation steps, log probe_accuracy / probe_entropy / probe_length
   c.eval.probe_problems = 64  # held-out prompts of that probe, sampled at the training temperature
