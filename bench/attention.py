@@ -71,7 +71,7 @@ def decode_seconds(implementation, slots, repeats, batch=8, index=256):
   cache = model.init_cache(batch, slots)
   rng = np.random.default_rng(1)
   fill = lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype)
-  cache = dataclasses.replace(cache, k=tuple(map(fill, cache.k)), v=tuple(map(fill, cache.v)),
+  cache = dataclasses.replace(cache, k=fill(cache.k), v=fill(cache.v),
                               valid=cache.valid.at[:, :index].set(True), index=jnp.int32(index))
   tokens = jnp.ones((batch, 1), jnp.int32)
   positions = jnp.full((batch, 1), index, jnp.int32)

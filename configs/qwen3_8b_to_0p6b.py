@@ -36,7 +36,7 @@ Totals:
     teacher 36 layers: 147,456 B/token -> 0.68 GB per sequence of 4608
     student 28 layers: 114,688 B/token -> 0.53 GB per sequence
   sampler prefill scores (fp32, 512 queries x 4608 slots x heads): teacher 0.30, student 0.15 GB/seq
-  train step, per sequence (remat on): saved block inputs 28 x L x 1024 x 2 B = 0.26 GB; one layer's
+  train step, per sequence (remat="block"): saved block inputs 28 x L x 1024 x 2 B = 0.26 GB; one layer's
     attention recomputed in the backward, fp32 scores + bf16 probs and their cotangents (the attention
     materialises heads x L x L): student ~4.1 GB, teacher forward ~4.1 GB  -> ~4.5 GB/seq (rough)
   fused loss scratch: 5 x V x 4 B = 3.0 MB per position in a chunk (chunk_size=4096 global positions =
@@ -63,8 +63,8 @@ Scale batch_size with micro_batches at a fixed rows-per-device. These numbers ar
 measured them, and XLA:CPU's compile-time memory_analysis cannot (it reports the same temp bytes with and
 without jax.checkpoint). The attention's heads x L x L scores dominate the per-row term at 4096 tokens;
 a fused attention kernel would shrink it several-fold. Without remat every layer keeps its
-attention (~2 GB per layer per row): remat is required, and today it fails under the runner's jax.jit
-(tests/test_configs.py::test_student_remat_runs, strict xfail, tracks it). On v4 use (4, 8, 1):
+attention (~2 GB per layer per row): remat is required (tests/test_configs.py::test_student_remat_runs
+runs it through the runner). On v4 use (4, 8, 1):
 (8, 4, 1) would double the resident weights to 7.1 GB of 34. A (1, 1, 8) tensor-parallel mesh also divides every dimension (16/32
 heads, 8 kv heads, 3072/12288 mlp, V = 8 x 18992) and avoids per-decode-step weight gathers, but then
 every device holds the whole batch's activations.
@@ -105,7 +105,7 @@ def get_config(arg=None):
   c.student.path = ""  # REQUIRED: Qwen3-0.6B Hugging Face checkpoint directory
   c.student.param_dtype = "float32"  # masters for AdamW
   c.student.compute_dtype = "bfloat16"
-  c.student.remat = True  # without it every layer keeps its L x L attention probabilities
+  c.student.remat = "block"  # keep only each block's input for the backward: activations O(1) blocks
 
   c.data.source = "math"  # math (problem/solution[/answer]) | gsm8k (question/answer '#### N') JSONL
   c.data.tokenizer = ""  # REQUIRED: a local tokenizer directory (the student checkpoint's)

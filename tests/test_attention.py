@@ -84,6 +84,12 @@ def test_decode_over_a_partially_filled_cache_matches_xla_and_reads_only_filled_
   # The same compiled step at another index: the trip count is dynamic, not baked in.
   out = decode(q, k, v, jnp.int32(index + 10))
   assert _rel_err(out, attention.xla(q, k, v, valid, jnp.int32(index + 10))) <= 1e-5
+  # The model's stacked cache [layers, B, K, S, D], layer 1 read in place (the layer scan's decode): the
+  # other layers are all NaN, so reading them, or copying the layer out whole, cannot go unnoticed.
+  stack = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x, jnp.full_like(x, jnp.nan)])
+  stacked = jax.jit(lambda q, k, v, index, layer: attention.blockwise(q, k, v, valid, index, block_k=bk,
+                                                                      layer=layer))
+  assert _rel_err(stacked(q, stack(k_nan), stack(v_nan), jnp.int32(index), jnp.int32(1)), reference) <= 1e-5
 
 
 def test_splash_in_the_pallas_interpreter_matches_xla():
@@ -192,4 +198,4 @@ def test_attention_is_a_model_config_field_settable_per_model_in_a_run_config():
   assert setup.inline_model_config(config.student, 61, "student").attention == "blockwise"
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   model = setup.load_model(config.student, "student", 61, mesh, seed=0)
-  assert model.layers[0].self_attn.implementation == "blockwise"
+  assert model.layers.self_attn.implementation == "blockwise"

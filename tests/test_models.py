@@ -31,14 +31,14 @@ def build(config, seed=0):
   model = models.Transformer(config, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed + 100)
   norms = [model.norm]
-  for layer in model.layers:
-    norms += [layer.input_layernorm, layer.post_attention_layernorm]
-    attn = layer.self_attn
-    if attn.q_norm is not None:
-      norms += [attn.q_norm, attn.k_norm]
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-      if proj.bias is not None:
-        proj.bias[...] = jnp.asarray(0.5 * rng.standard_normal(proj.bias.shape), jnp.float32)
+  layers = model.layers  # one Block, every variable stacked [num_layers, ...]: one draw covers all layers
+  norms += [layers.input_layernorm, layers.post_attention_layernorm]
+  attn = layers.self_attn
+  if attn.q_norm is not None:
+    norms += [attn.q_norm, attn.k_norm]
+  for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+    if proj.bias is not None:
+      proj.bias[...] = jnp.asarray(0.5 * rng.standard_normal(proj.bias.shape), jnp.float32)
   for norm in norms:
     norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.scale.shape), jnp.float32)
   return model
@@ -115,7 +115,7 @@ def ref_forward(model, tokens, positions, mask=None, inv_freq=None):
   for b in range(tokens.shape[0]):
     t = tokens.shape[1]
     x = embed[tokens[b]]
-    for layer in model.layers:
+    for layer in map(model.block, range(c.num_layers)):
       a = layer.self_attn
       h = _rms(x, _np(layer.input_layernorm.scale[...]), c.rms_norm_eps)
       q = _dense(h, a.q_proj).reshape(t, c.num_heads, c.head_dim)
@@ -297,7 +297,7 @@ def test_bfloat16_compute_with_float32_params():
   f32 = build(config)
   tokens = _tokens((B, T), seed=9)
   bf16 = build(config.replace(compute_dtype="bfloat16"))
-  assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+  assert bf16.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
   ref_logits = run(f32, tokens, POSITIONS)
   logits = forward(bf16, jnp.asarray(tokens), jnp.asarray(POSITIONS))
   assert logits.dtype == jnp.float32
@@ -307,7 +307,7 @@ def test_bfloat16_compute_with_float32_params():
   error = np.abs(logits - ref_logits)
   assert error.mean() < 0.03 and error.max() < 0.25, (error.mean(), error.max())  # ~8 bits of mantissa
   assert not np.array_equal(logits, ref_logits)  # bf16 really was used
-  assert models.init_cache(bf16.config, B, T).k[0].dtype == jnp.bfloat16
+  assert models.init_cache(bf16.config, B, T).k.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -365,12 +365,12 @@ def test_spec_for_replicates_indivisible_dims(mesh):
 def test_shard_model_places_parameters(mesh):
   config = CONFIGS["qwen2"]  # one kv head: k/v kernels [32, 8] shard 8 over tensor
   model = sharding.shard_model(build(config), mesh)
-  mlp = model.layers[0].mlp
-  for kernel, spec, shard in [(mlp.gate_proj.kernel, P("fsdp", "tensor"), (16, 24)),
-                              (mlp.down_proj.kernel, P("tensor", "fsdp"), (24, 16)),
+  mlp = model.layers.mlp  # stacked [2 layers, ...]: the layer axis is replicated
+  for kernel, spec, shard in [(mlp.gate_proj.kernel, P(None, "fsdp", "tensor"), (2, 16, 24)),
+                              (mlp.down_proj.kernel, P(None, "tensor", "fsdp"), (2, 24, 16)),
                               (model.embed_tokens, P(None, "fsdp"), (61, 16)),
                               (model.lm_head.kernel, P("fsdp", None), (16, 61)),
-                              (model.layers[1].self_attn.q_proj.bias, P("tensor"), (16,)),
+                              (model.layers.self_attn.q_proj.bias, P(None, "tensor"), (2, 16)),
                               (model.norm.scale, P(None), (32,))]:
     value = kernel[...]
     assert value.sharding.spec == spec

@@ -138,7 +138,7 @@ def test_config_errors_name_the_problem_and_the_file():
 def test_logits_match_transformers_with_left_and_right_padding(checkpoint, name, attention):
   directory, torch_model = checkpoint(name)
   model = hf.load(directory, attention=attention)
-  assert model.layers[0].self_attn.implementation == attention
+  assert model.layers.self_attn.implementation == attention
   assert model.config.tie_word_embeddings == (model.lm_head is None) == torch_model.config.tie_word_embeddings
   tokens, mask, positions = hf_models.batch(model.config.vocab_size)
   reference = hf_models.torch_logits(torch_model, tokens, mask, positions)
@@ -204,9 +204,9 @@ def test_load_on_a_mesh_places_each_tensor_on_its_shards(checkpoint, tmp_path):
     assert var[...].sharding == expected[keypath], keypath
   # The rules really split something: embeddings [vocab -> tensor, embed -> fsdp], q_proj [embed, heads].
   assert got[("embed_tokens",)][...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  q_kernel = got[("layers", 0, "self_attn", "q_proj", "kernel")][...]
-  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert q_kernel.addressable_shards[0].data.shape == (32, 64)
+  q_kernel = got[("layers", "self_attn", "q_proj", "kernel")][...]  # stacked: the layer axis replicated
+  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert q_kernel.addressable_shards[0].data.shape == (config.num_layers, 32, 64)
 
   tokens, mask, positions = hf_models.batch(96)
   reference = hf_models.torch_logits(torch_model, tokens, mask, positions)

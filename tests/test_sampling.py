@@ -247,9 +247,9 @@ def small():
   """A V = 13 model made context-free (no attention / MLP output, one embedding for every token), so every
   step of every row draws from the same distribution: steps can be tested for independence too."""
   model = models.Transformer(CONFIG.replace(vocab_size=V_SMALL), rngs=nnx.Rngs(3))
-  for layer in model.layers:
-    layer.self_attn.o_proj.kernel[...] = jnp.zeros_like(layer.self_attn.o_proj.kernel[...])
-    layer.mlp.down_proj.kernel[...] = jnp.zeros_like(layer.mlp.down_proj.kernel[...])
+  layers = model.layers  # every layer at once: the variables are stacked [num_layers, ...]
+  layers.self_attn.o_proj.kernel[...] = jnp.zeros_like(layers.self_attn.o_proj.kernel[...])
+  layers.mlp.down_proj.kernel[...] = jnp.zeros_like(layers.mlp.down_proj.kernel[...])
   model.embed_tokens[...] = jnp.broadcast_to(model.embed_tokens[...][:1], model.embed_tokens[...].shape)
   prompt = np.array([[3, 7, 1, 11]], np.int32)
   logits = full_logits(model, [np.concatenate([prompt[0], [5, 9]])], 6)[0]
@@ -392,7 +392,7 @@ def test_sharded_model_and_prompts_give_the_single_device_tokens(greedy, sampled
   greedy / sampled fixtures' rows (rows do not depend on the batch, tested above)."""
   mesh = sharding.make_mesh(2, 2, 2)
   sharded = sharding.shard_model(models.Transformer(CONFIG, rngs=nnx.Rngs(0)), mesh)
-  assert sharded.layers[0].mlp.up_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+  assert sharded.layers.mlp.up_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
   rows = [0, 1, 2, 0]
   put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh))
   keys, sampled_out = sampled

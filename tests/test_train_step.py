@@ -121,7 +121,9 @@ def test_micro_batches_equal_one_big_batch(setup, name):
   for key in ("loss", "forward_kl", "reverse_kl", "num_tokens"):
     np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # atol as in test_update_is_sgd_on_the_objective: float32 gradients x LR 0.5 (the embedding's, up to
+    # ~1.7 per entry, is summed in another order with micro-batches: 2.2e-6 apart measured)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6)
 
 
 def test_mesh_step_equals_single_device_step(setup):

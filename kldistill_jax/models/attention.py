@@ -6,6 +6,9 @@ Queries sit at slots [q_offset, q_offset + T) of the key axis (q_offset = 0 for 
 `cache.index` when writing into a KV cache); query slot i attends to key slot j iff j <= i and
 key_valid[b, j]. K/V keep the cache layout [B, kv_heads, S, head_dim]; the H = kv_heads * G query heads
 of one kv head share its keys (GQA, never repeated). Scores and softmax statistics are float32.
+With `layer=i`, K/V are the model's stacked cache [layers, B, kv_heads, S, head_dim] and layer i is read
+in place: `blockwise` slices each key block out of the stack, so a decode step inside the layer scan
+never copies a layer's S slots.
 
 Implementations (`ModelConfig.attention`):
   xla        the scores [B, kv, S, G*T] materialised: the reference the others are tested against.
@@ -58,9 +61,11 @@ def resolve(implementation, *, full, dtype, head_dim, backend=None):
   return implementation, None
 
 
-def attend(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset=0, *, implementation="auto"):
-  """[B, T, H, D] attention output (dtype of q) of queries at slots q_offset + [0, T)."""
-  full = isinstance(q_offset, int) and q_offset == 0 and q_BTHD.shape[1] == k_BKSD.shape[2]
+def attend(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset=0, *, implementation="auto", layer=None):
+  """[B, T, H, D] attention output (dtype of q) of queries at slots q_offset + [0, T); with `layer`, K/V
+  are stacked [L, B, kv_heads, S, head_dim] and layer `layer` is attended to."""
+  full = (layer is None and isinstance(q_offset, int) and q_offset == 0
+          and q_BTHD.shape[1] == k_BKSD.shape[2])
   implementation, why = resolve(implementation, full=full, dtype=q_BTHD.dtype, head_dim=q_BTHD.shape[-1])
   if why is not None:
     _log_once(why)
@@ -73,8 +78,10 @@ def attend(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset=0, *, implementation="
     return splash(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, interpret=interpret)
   offset = jnp.asarray(q_offset, jnp.int32)
   if implementation == "xla":
+    if layer is not None:  # the reference reads every slot anyway
+      k_BKSD, v_BKSD = k_BKSD[layer], v_BKSD[layer]
     return xla(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, offset)
-  return blockwise(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, offset)
+  return blockwise(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, offset, layer=layer)
 
 
 # --------------------------------------------------------------------------------------------- xla
@@ -101,34 +108,47 @@ def xla(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset):
 # --------------------------------------------------------------------------------------- blockwise
 # Layout inside: queries [nq, B, K, R, D] with R = bq * G rows per block (row r is query bq*i + r // G
 # of head group member r % G); scores of one block pair [B, K, bk, R] (slots in the middle, as `xla`).
+# Keys/values are always stacked [L, B, K, S, D] inside (L = 1 without a cache) with the layer to read.
 # The last key block is clamped to end at S (dynamic_slice would clamp it anyway) and its slots below
 # the nominal start masked, so S need not divide by bk and the cache is never padded (a copy of the
 # whole cache per step would make decode O(S) again).
 
-def blockwise(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset, *, block_q=None, block_k=None):
+def blockwise(q_BTHD, k_BKSD, v_BKSD, key_valid_BS, q_offset, *, block_q=None, block_k=None, layer=None):
   """Flash attention in pure JAX; values and gradients equal `xla` on every query with a valid key
-  (rows with none give 0). Block sizes default to BLOCK_Q / BLOCK_K, read at trace time."""
+  (rows with none give 0). Block sizes default to BLOCK_Q / BLOCK_K, read at trace time. With `layer`,
+  k/v are stacked [L, B, K, S, D] and that layer is read."""
   block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
+  if layer is None:
+    k, v, layer = k_BKSD[None], v_BKSD[None], 0
+  else:
+    k, v = k_BKSD, v_BKSD
+  layer = jnp.asarray(layer, jnp.int32)
   b, t, h, d = q_BTHD.shape
-  kv_heads, s = k_BKSD.shape[1], k_BKSD.shape[2]
+  kv_heads, s = k.shape[2], k.shape[3]
   groups = h // kv_heads
   bq, bk = min(block_q, t), min(block_k, s)
   nq = -(-t // bq)
   q = q_BTHD.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, D]
   q = jnp.pad(q, ((0, 0), (0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
   q = q.reshape(b, kv_heads, nq, bq * groups, d).transpose(2, 0, 1, 3, 4)
-  out = _flash(q, k_BKSD, v_BKSD, key_valid_BS, q_offset, (bq, bk, groups))
+  out = _flash(q, k, v, key_valid_BS, q_offset, layer, (bq, bk, groups))
   out = out.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, nq * bq, groups, d)[:, :, :t]
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
-def _block_scores(q_BKRD, k_BKSD, key_valid_BS, q_offset, i, j, blocks):
+def _slots(x_LBKSD, layer, start, size):
+  """[B, K, size, D]: slots [start, start + size) of one layer of a stacked array (only they are read)."""
+  _, b, k, _, d = x_LBKSD.shape
+  return jax.lax.dynamic_slice(x_LBKSD, (layer, 0, 0, start, 0), (1, b, k, size, d))[0]
+
+
+def _block_scores(q_BKRD, k_LBKSD, key_valid_BS, q_offset, layer, i, j, blocks):
   """float32 scaled scores [B, K, bk, R] of query block i against key block j, their mask, the key
   block's start slot."""
   bq, bk, groups = blocks
-  s = k_BKSD.shape[2]
+  s = k_LBKSD.shape[3]
   start = jnp.minimum(j * bk, s - bk)
-  k = jax.lax.dynamic_slice_in_dim(k_BKSD, start, bk, axis=2)
+  k = _slots(k_LBKSD, layer, start, bk)
   valid = jax.lax.dynamic_slice_in_dim(key_valid_BS, start, bk, axis=1)
   key_slot = start + jnp.arange(bk)
   query_slot = q_offset + i * bq + jnp.arange(q_BKRD.shape[2]) // groups
@@ -145,20 +165,20 @@ def _key_blocks_needed(q_offset, i, rows_per_block, bk, nk):
   return jnp.minimum((q_offset + (i + 1) * rows_per_block - 1) // bk + 1, nk)
 
 
-def _forward(q, k, v, key_valid, q_offset, blocks):
+def _forward(q, k, v, key_valid, q_offset, layer, blocks):
   """(out [nq, B, K, R, D] in q's dtype, float32 log-sum-exp [nq, B, K, R]; 0 on rows with no key)."""
   bq, bk, _ = blocks
-  nk = -(-k.shape[2] // bk)
+  nk = -(-k.shape[3] // bk)
 
   def query_block(i, q_BKRD):
     def key_block(j, carry):
       m, l, acc = carry
-      scores, mask, start = _block_scores(q_BKRD, k, key_valid, q_offset, i, j, blocks)
+      scores, mask, start = _block_scores(q_BKRD, k, key_valid, q_offset, layer, i, j, blocks)
       m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=2))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.where(mask, jnp.exp(scores - m_safe[:, :, None, :]), 0.0)
       correction = jnp.exp(m - m_safe)
-      vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2).astype(q_BKRD.dtype)
+      vb = _slots(v, layer, start, bk).astype(q_BKRD.dtype)
       pv = jnp.einsum("bksr,bksd->bkrd", p.astype(q_BKRD.dtype), vb, preferred_element_type=jnp.float32)
       return m_new, l * correction + jnp.sum(p, axis=2), acc * correction[..., None] + pv
 
@@ -172,22 +192,23 @@ def _forward(q, k, v, key_valid, q_offset, blocks):
   return jax.lax.map(lambda args: query_block(*args), (jnp.arange(q.shape[0]), q))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, key_valid, q_offset, blocks):
-  return _forward(q, k, v, key_valid, q_offset, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, key_valid, q_offset, layer, blocks):
+  return _forward(q, k, v, key_valid, q_offset, layer, blocks)[0]
 
 
-def _flash_fwd(q, k, v, key_valid, q_offset, blocks):
-  out, lse = _forward(q, k, v, key_valid, q_offset, blocks)
-  return out, (q, k, v, key_valid, q_offset, out, lse)
+def _flash_fwd(q, k, v, key_valid, q_offset, layer, blocks):
+  out, lse = _forward(q, k, v, key_valid, q_offset, layer, blocks)
+  return out, (q, k, v, key_valid, q_offset, layer, out, lse)
 
 
 def _flash_bwd(blocks, residuals, d_out):
   """The flash backward, outer loop over key blocks, inner over the query blocks that see them:
-  p = exp(s - lse), dV += p^T dO, dS = p * (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q."""
-  q, k, v, key_valid, q_offset, out, lse = residuals
+  p = exp(s - lse), dV += p^T dO, dS = p * (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
+  dK / dV have the stacked shape, zero outside the layer read."""
+  q, k, v, key_valid, q_offset, layer, out, lse = residuals
   bq, bk, _ = blocks
-  nq, s = q.shape[0], k.shape[2]
+  nq, s = q.shape[0], k.shape[3]
   nk = -(-s // bk)
   scale = 1.0 / np.sqrt(q.shape[-1])
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -198,28 +219,28 @@ def _flash_bwd(blocks, residuals, d_out):
     def query_block(i, inner):
       dq, dk_j, dv_j = inner
       q_i, do_i = q[i], d_out[i].astype(q.dtype)
-      scores, mask, start = _block_scores(q_i, k, key_valid, q_offset, i, j, blocks)
+      scores, mask, start = _block_scores(q_i, k, key_valid, q_offset, layer, i, j, blocks)
       p = jnp.where(mask, jnp.exp(scores - lse[i][:, :, None, :]), 0.0)
-      vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2).astype(q.dtype)
+      vb = _slots(v, layer, start, bk).astype(q.dtype)
       dv_j = dv_j + jnp.einsum("bksr,bkrd->bksd", p.astype(q.dtype), do_i, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bksd,bkrd->bksr", vb, do_i, preferred_element_type=jnp.float32)
       ds = (p * (dp - delta[i][:, :, None, :]) * scale).astype(q.dtype)
-      kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=2).astype(q.dtype)
+      kb = _slots(k, layer, start, bk).astype(q.dtype)
       dq = dq.at[i].add(jnp.einsum("bksr,bksd->bkrd", ds, kb, preferred_element_type=jnp.float32))
       dk_j = dk_j + jnp.einsum("bksr,bkrd->bksd", ds, q_i, preferred_element_type=jnp.float32)
       return dq, dk_j, dv_j
 
     first = jnp.clip((j * bk - q_offset) // bq, 0, nq)  # the first query block with a slot >= j * bk
-    block = jnp.zeros(k.shape[:2] + (bk, k.shape[3]), jnp.float32)
+    block = jnp.zeros(k.shape[1:3] + (bk, k.shape[4]), jnp.float32)
     dq, dk_j, dv_j = jax.lax.fori_loop(first, nq, query_block, (dq, block, block))
     start = jnp.minimum(j * bk, s - bk)
-    add = lambda full, part: jax.lax.dynamic_update_slice_in_dim(
-        full, jax.lax.dynamic_slice_in_dim(full, start, bk, axis=2) + part, start, axis=2)
+    add = lambda full, part: jax.lax.dynamic_update_slice(
+        full, (_slots(full, layer, start, bk) + part)[None], (layer, 0, 0, start, 0))
     return (dq, add(dk, dk_j), add(dv, dv_j)), None
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   (dq, dk, dv), _ = jax.lax.scan(key_block, (zeros(q), zeros(k), zeros(v)), jnp.arange(nk))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 class KVCache:
   """Keys and values of every layer for S slots, written left to right in lockstep across the batch.
 
-  k, v:  tuples (one entry per layer) of [B, kv_heads, S, head_dim] arrays: the layout attention reads
-         without a transpose, and separate per-layer buffers that a decode loop updates in place
+  k, v:  [layers, B, kv_heads, S, head_dim]: every layer stacked, as the layers' parameters are (the
+         model's layer scan carries them and writes each step's slots in place); per layer the layout
+         attention reads without a transpose
   valid: [B, S] bool, True where a slot holds a real (non-padding) token
   index: [] int32, the next slot to write
   A query written at slot i attends to the valid slots j <= i (causality is slot order; RoPE uses the
@@ -31,7 +32,6 @@ class KVCache:
 def init_cache(config, batch_size, max_len, dtype=None):
   """An empty cache for `max_len` slots (prompt + generated tokens) in `dtype` (default: compute)."""
   dtype = config.compute_jnp_dtype if dtype is None else jnp.dtype(dtype)
-  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros(), v=zeros(), valid=jnp.zeros((batch_size, max_len), bool),
-                 index=jnp.zeros((), jnp.int32))
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))

@@ -9,6 +9,7 @@ from kldistill_jax.errors import UserError
 from kldistill_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 
 FAMILIES = ("qwen3", "qwen2", "llama")
+REMAT = ("none", "block", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,10 @@ class ModelConfig:
     head_dim: explicit (Qwen3's is not hidden_size / num_heads).
     param_dtype: storage dtype of the parameters (float32 for training masters).
     compute_dtype: dtype of activations and matmuls (bfloat16 on accelerators); logits are float32.
-    remat: rematerialise each block in the backward pass (activation memory O(layers) -> O(1) blocks).
+    remat: what the backward pass recomputes of each block (the layers run as one `lax.scan`): "none"
+      (every activation kept), "block" (only each block's input kept, the rest recomputed: activation
+      memory O(layers) -> O(1) blocks, about a forward more compute) or "save_dots" (the projections'
+      outputs kept too, attention, norms and activations recomputed). True / False mean "block" / "none".
     attention: the attention implementation (`models.attention`): "auto" (splash on TPU, cudnn on GPU,
       blockwise elsewhere), "xla" (materialised scores, the reference), "blockwise" (pure-JAX flash),
       "cudnn" or "splash". Not part of a checkpoint's config.json; read when the model is built.
@@ -52,7 +56,7 @@ class ModelConfig:
   max_position_embeddings: int = 40960
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
   attention: str = "auto"
 
   def __post_init__(self):
@@ -64,6 +68,10 @@ class ModelConfig:
         raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if isinstance(self.remat, bool):  # the boolean of earlier configs
+      object.__setattr__(self, "remat", "block" if self.remat else "none")
+    if self.remat not in REMAT:
+      raise UserError(f"remat must be one of {REMAT}, got {self.remat!r}")
     if self.attention not in ATTENTION:
       raise UserError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
     for name in ("param_dtype", "compute_dtype"):

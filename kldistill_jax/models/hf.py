@@ -5,11 +5,12 @@
     tokenizer = hf.load_tokenizer("/ckpt/Qwen3-0.6B")
     hf.save(model, "/out", dtype="bfloat16", tokenizer=tokenizer, generation=dict(temperature=0.0))  # + chat
 
-Tensor names follow from the model's own variable paths: `layers/3/self_attn/q_proj/kernel` <->
-`model.layers.3.self_attn.q_proj.weight`, transposed (our kernels are [in, out], torch's Linear weights
-[out, in]); `scale` <-> `weight`; `embed_tokens` <-> `model.embed_tokens.weight`; `lm_head/kernel` <->
-`lm_head.weight` (absent from the files when the embeddings are tied). Local directories only: nothing is
-downloaded (fetch hub checkpoints first, e.g. with `huggingface-cli download`).
+Tensor names follow from the model's own variable paths: layer 3 of the stacked
+`layers/self_attn/q_proj/kernel` [layers, in, out] <-> `model.layers.3.self_attn.q_proj.weight`, transposed
+(our kernels are [in, out], torch's Linear weights [out, in]); `scale` <-> `weight`; `embed_tokens` <->
+`model.embed_tokens.weight`; `lm_head/kernel` <-> `lm_head.weight` (absent from the files when the
+embeddings are tied). Local directories only: nothing is downloaded (fetch hub checkpoints first, e.g.
+with `huggingface-cli download`).
 """
 
 import contextlib
@@ -26,7 +27,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from kldistill_jax.errors import MissingFileError, UserError
-from kldistill_jax.models import rope, sharding
+from kldistill_jax.models import lora, rope, sharding
 from kldistill_jax.models.config import Llama3RopeScaling, ModelConfig
 from kldistill_jax.models.transformer import Transformer
 
@@ -167,21 +168,31 @@ def read_config(path) -> ModelConfig:
 
 # ----------------------------------------------------------------------------------------------- names
 
-def _hf_name(keypath):
-  """(safetensors name, whether the tensor is stored transposed) of an nnx variable path."""
+def _hf_tensors(keypath, shape):
+  """[(safetensors name, stored transposed, layer or None, shape in our layout)] of an nnx variable: a
+  variable of the stacked `layers` ([num_layers, ...]) holds one tensor per layer."""
   keys = [str(k) for k in keypath]
   if keys == ["embed_tokens"]:
-    return "model.embed_tokens.weight", False
+    return [("model.embed_tokens.weight", False, None, tuple(shape))]
   leaf = {"kernel": "weight", "scale": "weight"}.get(keys[-1], keys[-1])
+  transpose = keys[-1] == "kernel"
+  if keys[0] == "layers":
+    rest = ".".join(keys[1:-1] + [leaf])
+    return [(f"model.layers.{i}.{rest}", transpose, i, tuple(shape[1:])) for i in range(shape[0])]
   prefix = "" if keys[0] == "lm_head" else "model."
-  return prefix + ".".join(keys[:-1] + [leaf]), keys[-1] == "kernel"
+  return [(prefix + ".".join(keys[:-1] + [leaf]), transpose, None, tuple(shape))]
+
+
+def _file_shape(transpose, shape):
+  return shape[::-1] if transpose else shape
 
 
 def _buffer_value(config, keypath, var):
-  """Non-parameter variables are not stored in checkpoints: recompute them from the config."""
+  """Non-parameter variables are not stored in checkpoints: recompute them from the config (the same
+  for every layer of the stack)."""
   if keypath[-1] == "inv_freq":
-    return np.asarray(rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling),
-                      var.dtype)
+    value = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    return np.broadcast_to(np.asarray(value, var.dtype), var.shape)
   raise ValueError(f"hf.load cannot fill the non-parameter variable {'/'.join(map(str, keypath))}")
 
 
@@ -226,6 +237,14 @@ def _reader(tensor_slice, transpose, dtype):
   return read
 
 
+def _stacked_reader(readers):
+  """The same for a stacked variable [layers, ...]: the layers the index selects, each from its tensor."""
+  def read(index):
+    index = tuple(index)
+    return np.stack([readers[i](index[1:]) for i in range(len(readers))[index[0]]])
+  return read
+
+
 # ------------------------------------------------------------------------------------------- load/save
 
 def load(path, *, dtype=None, compute_dtype=None, mesh=None, attention="auto") -> Transformer:
@@ -252,8 +271,9 @@ def load(path, *, dtype=None, compute_dtype=None, mesh=None, attention="auto") -
     values = []
     for keypath, var in flat:
       if isinstance(var, nnx.Param):
-        name, transpose = _hf_name(keypath)
-        read = _reader(checkpoint.slice(name), transpose, var.dtype)
+        readers = [_reader(checkpoint.slice(name), transpose, var.dtype)
+                   for name, transpose, _, _ in _hf_tensors(keypath, var.shape)]
+        read = _stacked_reader(readers) if keypath[0] == "layers" else readers[0]
       else:
         buffer = _buffer_value(config, keypath, var)
         read = lambda index, buffer=buffer: buffer[tuple(index)]
@@ -269,8 +289,8 @@ def _check_names_and_shapes(checkpoint, config, flat, config_file):
   expected = {}
   for keypath, var in flat:
     if isinstance(var, nnx.Param):
-      name, transpose = _hf_name(keypath)
-      expected[name] = tuple(var.shape[::-1] if transpose else var.shape)
+      for name, transpose, _, shape in _hf_tensors(keypath, var.shape):
+        expected[name] = _file_shape(transpose, shape)
   missing = [name for name in expected if name not in checkpoint.file_of]
   if missing:
     raise UserError(f"checkpoint {checkpoint.description} lacks {len(missing)} tensor(s) that {config_file} "
@@ -295,11 +315,11 @@ def _to_host(array):
   return np.asarray(jax.device_get(array))
 
 
-def _safetensors_header(params, dtype):
-  """The header bytes of a safetensors file holding `params` [(name, transpose, variable)] back to back."""
+def _safetensors_header(tensors, dtype):
+  """The header bytes of a safetensors file holding `tensors` [(name, transpose, shape, ...)] back to back."""
   header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for name, transpose, var in params:
-    shape = list(var.shape[::-1] if transpose else var.shape)
+  for name, transpose, shape, *_ in tensors:
+    shape = list(_file_shape(transpose, shape))
     size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
     header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape,
                     "data_offsets": [offset, offset + size]}
@@ -319,25 +339,29 @@ def save(model: Transformer, path, *, dtype=None, tokenizer=None, generation=Non
   files (chat template included) are written next to the weights. generation: default sampling settings
   (`generation_config` keywords: temperature, top_k, top_p, max_new_tokens). generation_config.json gets the
   tokenizer's EOS / pad / BOS ids and those settings. Every process must call it (sharded arrays are
-  gathered); process 0 writes.
+  gathered); process 0 writes. A model with LoRA adapters is saved merged (`lora.merge`; `peft_export`
+  writes the adapters alone).
   """
   path = pathlib.Path(path)
+  model = lora.merge(model)  # LoRA adapters folded into their kernels: transformers sees plain weights
   ids = _special_ids(tokenizer) if tokenizer is not None else {}
   generation_json = generation_config(**ids, **(generation or {})) if tokenizer is not None or generation else None
   config = model.config if dtype is None else model.config.replace(param_dtype=jnp.dtype(dtype).name)
   if config.param_dtype not in _SAFETENSORS_DTYPES:
     raise UserError(f"cannot save parameters as {config.param_dtype} (supported: {', '.join(_DTYPES)})")
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  params = sorted((*_hf_name(keypath), var) for keypath, var in flat)
+  # (name, transpose, shape, variable, layer): one entry per stored tensor, written in name order.
+  tensors = sorted(((name, transpose, shape, var, layer) for keypath, var in flat
+                    for name, transpose, layer, shape in _hf_tensors(keypath, var.shape)), key=lambda e: e[0])
   writer = jax.process_index() == 0
   temporary = path / (WEIGHTS_FILE + ".tmp")
   with contextlib.ExitStack() as stack:
     if writer:
       path.mkdir(parents=True, exist_ok=True)
       f = stack.enter_context(open(temporary, "wb"))
-      f.write(_safetensors_header(params, config.param_dtype))
-    for _, transpose, var in params:
-      array = _to_host(var[...]).astype(config.param_jnp_dtype, copy=False)
+      f.write(_safetensors_header(tensors, config.param_dtype))
+    for _, transpose, _, var, layer in tensors:  # one layer of a stacked variable at a time on the host
+      array = _to_host(var[...] if layer is None else var[...][layer]).astype(config.param_jnp_dtype, copy=False)
       if writer:
         f.write(np.ascontiguousarray(array.T if transpose else array).tobytes())
   if writer:  # config.json last: its presence marks a complete export (the runner's stage cache)
@@ -350,10 +374,11 @@ def save(model: Transformer, path, *, dtype=None, tokenizer=None, generation=Non
 
 
 def generation_config(*, eos_token_id=None, pad_token_id=None, bos_token_id=None, temperature=None, top_k=0,
-                      top_p=1.0, max_new_tokens=None) -> dict:
+                      top_p=1.0, max_new_tokens=None, stop_strings=()) -> dict:
   """The generation_config.json dict of our sampler's settings: temperature 0 is greedy (`do_sample`
   false); top_k 0 and top_p 1 are off (written as such: transformers' own default is top_k 50); None leaves
-  a setting to the loader's default. eos_token_id: an id or a list (every id that ends a turn)."""
+  a setting to the loader's default. eos_token_id: an id or a list (every id that ends a turn).
+  stop_strings: written as `stop_strings` (transformers' `generate` needs `tokenizer=` to apply them)."""
   if temperature is not None and temperature < 0:
     raise UserError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0 or top_k < 0:
@@ -367,6 +392,8 @@ def generation_config(*, eos_token_id=None, pad_token_id=None, bos_token_id=None
     out["do_sample"] = temperature > 0
     if temperature > 0:
       out.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  if stop_strings:
+    out["stop_strings"] = [str(s) for s in stop_strings]
   return out
 
 

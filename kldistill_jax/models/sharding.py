@@ -24,6 +24,7 @@ RULES = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked layers' leading axis: each device holds every layer's shard
     "batch": BATCH_AXES,
 }
 
@@ -87,14 +88,15 @@ def model_mesh(model):
 
 
 def constrain_cache(cache, mesh):
-  """Pins a KV cache to the mesh: batch over ('data', 'fsdp'), kv heads over 'tensor' (when they divide)."""
+  """Pins a KV cache to the mesh: layers replicated, batch over ('data', 'fsdp'), kv heads over 'tensor'
+  (when they divide)."""
   if mesh is None:
     return cache
   pin = lambda x, axes: jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, spec_for(x.shape, axes, mesh)))
-  kv_axes = ("batch", "kv_heads", None, None)
-  return type(cache)(k=tuple(pin(x, kv_axes) for x in cache.k), v=tuple(pin(x, kv_axes) for x in cache.v),
-                     valid=pin(cache.valid, ("batch", None)), index=cache.index)
+  kv_axes = ("layers", "batch", "kv_heads", None, None)
+  return type(cache)(k=pin(cache.k, kv_axes), v=pin(cache.v, kv_axes), valid=pin(cache.valid, ("batch", None)),
+                     index=cache.index)
 
 
 def shard_model(model, mesh):

@@ -62,6 +62,8 @@ class Attention(nnx.Module):
     self.implementation = c.attention
 
   def __call__(self, x_BTD, positions_BT, key_valid_BS, layer_cache):
+    """(output [B, T, D], the updated stacked (k, v) cache or None). layer_cache: None, or (k, v) of
+    every layer [layers, B, kv_heads, S, head_dim], this layer's index and the slot to write at."""
     b, t, _ = x_BTD.shape
     q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -72,13 +74,18 @@ class Attention(nnx.Module):
     q, k = rope.apply(q, positions_BT, inv_freq), rope.apply(k, positions_BT, inv_freq)
     # Attention runs in the cache's [B, kv_heads, slots, head_dim] layout.
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    offset = 0
-    if layer_cache is not None:  # write this step's keys/values in place, attend over the filled slots
-      cache_k, cache_v, offset = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), offset, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), offset, axis=2)
-    out = attention.attend(q, k, v, key_valid_BS, offset, implementation=self.implementation)
-    return self.o_proj(out.reshape(b, t, -1)), (k, v)
+    if layer_cache is None:
+      out = attention.attend(q, k, v, key_valid_BS, 0, implementation=self.implementation)
+      return self.o_proj(out.reshape(b, t, -1)), None
+    # Write this step's keys/values into this layer's slots of the stacked cache, in place, and attend
+    # over the filled slots straight from the stack (slicing the layer out first would copy all S slots).
+    cache_k, cache_v, layer, offset = layer_cache
+    write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype),
+                                                            (layer, 0, 0, offset, 0))
+    cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+    out = attention.attend(q, cache_k, cache_v, key_valid_BS, offset, layer=layer,
+                           implementation=self.implementation)
+    return self.o_proj(out.reshape(b, t, -1)), (cache_k, cache_v)
 
 
 class MLP(nnx.Module):
@@ -108,19 +115,58 @@ class Block(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-def _block_forward(block, x, positions, key_valid, layer_cache):
-  return block(x, positions, key_valid, layer_cache)
+# ModelConfig.remat -> what the backward pass keeps of each block's forward (jax.checkpoint policies).
+# "block": only the block's input (everything else recomputed); "save_dots": also the outputs of the
+# matmuls without batch dimensions, i.e. the q/k/v/o and MLP projections (attention, norms, RoPE and
+# activations recomputed: the projections' FLOPs are not paid twice, the L x L attention is never kept).
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-def _remat_block_forward(block, x, positions, key_valid, layer_cache):
-  """The block under `jax.checkpoint` as a pure function of its state: `nnx.remat` fails on a module
-  that was merged inside an outer plain-JAX trace (the train step, the sampler's while_loop)."""
-  graphdef, state = nnx.split(block)
+# Layers per scan iteration (`lax.scan`'s unroll), read at trace time. 1 keeps one block in the program
+# whatever the depth (compile time flat in depth); tests/test_flops.py unrolls fully so that XLA's cost
+# analysis, which counts a loop body once, sees every layer.
+SCAN_UNROLL = 1
 
-  def pure(state, x, positions, key_valid, layer_cache):
-    return _block_forward(nnx.merge(graphdef, state), x, positions, key_valid, layer_cache)
 
-  return jax.checkpoint(pure)(state, x, positions, key_valid, layer_cache)
+def stacked_blocks(config, rngs) -> Block:
+  """One `Block` whose every variable has a leading [num_layers] axis (logical axis "layers"). The
+  layers are built one after another from `rngs` and their states stacked, so whatever variables a block
+  holds are stacked, and a seed draws the same parameters as it did for a list of blocks."""
+  blocks = [nnx.split(Block(config, rngs=rngs)) for _ in range(config.num_layers)]
+  graphdef = blocks[0][0]
+
+  def stack(*variables):
+    axes = variables[0].get_metadata().get("logical_axes")
+    metadata = {} if axes is None else {"logical_axes": ("layers", *axes)}
+    return variables[0].replace(jnp.stack([v[...] for v in variables]), **metadata)
+
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return nnx.merge(graphdef, jax.tree.map(stack, *[state for _, state in blocks], is_leaf=is_variable))
+
+
+def run_layers(layers, x, positions, key_valid, kv=None, index=None, *, remat="none"):
+  """x through every layer of the stacked `layers`: one `lax.scan` over the split state, so the program
+  holds one block whatever the depth. kv: the stacked (k, v) cache, carried through the scan and written
+  in place (None without a cache). A pure function of the state, not `nnx.scan`/`nnx.remat`: those fail on
+  a module merged inside an outer plain-JAX trace (the train step, the sampler's while_loop).
+  Returns (x, the updated kv)."""
+  graphdef, state = nnx.split(layers)
+
+  def layer(carry, layer_state_and_index):
+    x, kv = carry
+    layer_state, i = layer_state_and_index
+    layer_cache = None if kv is None else (*kv, i, index)
+    x, kv = nnx.merge(graphdef, layer_state)(x, positions, key_valid, layer_cache)
+    return (sharding.constrain(x, ("batch", None, None)), kv), None
+
+  if remat != "none":
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)  # scan: no CSE risk
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+  (x, kv), _ = jax.lax.scan(layer, (x, kv), (state, jnp.arange(num_layers)), unroll=SCAN_UNROLL)
+  return x, kv
 
 
 class Transformer(nnx.Module):
@@ -133,7 +179,7 @@ class Transformer(nnx.Module):
     # entries would make a fresh model's logits std ~sqrt(hidden_size), i.e. near one-hot.
     self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype, ("vocab", "embed"),
                                scale=0.02)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = stacked_blocks(config, rngs)  # every block variable stacked: [num_layers, ...]
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.lm_head = (None if config.tie_word_embeddings else
                     Dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs))
@@ -141,6 +187,11 @@ class Transformer(nnx.Module):
   def init_cache(self, batch_size, max_len, dtype=None) -> KVCache:
     """An empty cache for `max_len` slots (default dtype: the compute dtype)."""
     return init_cache(self.config, batch_size, max_len, dtype)
+
+  def block(self, i) -> Block:
+    """Layer i as a Block of its own (copies of its slices of the stacked variables): for reading."""
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
   def output_head(self):
     """[D, V]: the transposed embedding when tied, else the LM head kernel."""
@@ -158,17 +209,12 @@ class Transformer(nnx.Module):
     else:
       key_valid = valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
     x = sharding.constrain(self.embed_tokens[...].astype(compute)[tokens], ("batch", None, None))
-    forward = _remat_block_forward if self.config.remat else _block_forward
-    new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, (k, v) = forward(block, x, positions, key_valid, layer_cache)
-      x = sharding.constrain(x, ("batch", None, None))
-      new_k.append(k)
-      new_v.append(v)
+    kv = None if cache is None else (cache.k, cache.v)
+    x, kv = run_layers(self.layers, x, positions, key_valid, kv, None if cache is None else cache.index,
+                       remat=self.config.remat)
     hidden = self.norm(x)
     if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=cache.index + t)
+      cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
     if return_hidden:
       return hidden, cache
     logits = jnp.dot(hidden, self.output_head().astype(compute), preferred_element_type=jnp.float32)

@@ -84,23 +84,28 @@ def forward_flops(config: ModelConfig, batch: int, seq_len: int, *, context_len:
 
 
 def _recomputed(config: ModelConfig, seq_len: int) -> int:
-  """What `config.remat` adds per row: the backward pass reruns each block's forward up to its last
-  matmul. The down projection's output only feeds the residual sum, which no gradient needs, so it is
-  dropped from the recomputation (as is the LM head, which is outside the blocks)."""
+  """What `config.remat` adds per row. "block": the backward pass reruns each block's forward up to its
+  last matmul (the down projection's output only feeds the residual sum, which no gradient needs, so it
+  is dropped from the recomputation, as is the LM head, outside the blocks). "save_dots": the projections'
+  outputs are kept, only the attention's forward is rerun."""
+  attention_forward = _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len)
+  if config.remat == "none":
+    return 0
+  if config.remat == "save_dots":
+    return attention_forward
   gate_up = 2 * 2 * config.hidden_size * config.intermediate_size
-  return (seq_len * config.num_layers * (_projections_per_token(config) + gate_up)
-          + _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len))
+  return seq_len * config.num_layers * (_projections_per_token(config) + gate_up) + attention_forward
 
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
-  """Forward plus backward (gradients of inputs and of weights: two forwards), plus, when `config.remat`
-  is on, the blocks' recomputed forwards (Qwen3-0.6B at 4k tokens: about 0.7 of a forward more). That is
-  what the hardware runs; MFU in its usual sense leaves the recomputation out (pass the config with
-  remat=False)."""
+  """Forward plus backward (gradients of inputs and of weights: two forwards), plus what `config.remat`
+  recomputes (Qwen3-0.6B at 4k tokens, remat="block": about 0.7 of a forward more). That is what the
+  hardware runs; MFU in its usual sense leaves the recomputation out (pass the config with
+  remat="none")."""
   attention_forward = batch * _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len)
   backward = _BACKWARD_PER_FORWARD[_kernel(config, seq_len, seq_len, 0)]
   dense = 3 * batch * seq_len * _dense_per_token(config)
-  recomputed = batch * _recomputed(config, seq_len) if config.remat else 0
+  recomputed = batch * _recomputed(config, seq_len)
   return dense + int((1 + backward) * attention_forward) + recomputed
 
 
