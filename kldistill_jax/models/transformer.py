@@ -21,14 +21,17 @@ def _param(rngs, shape, dtype, axes, scale=None):
 
 
 class Dense(nnx.Module):
-  """x @ kernel (+ bias); kernel [in, out]."""
+  """x @ kernel (+ bias) (+ lora(x), a low-rank adapter that `models.lora.add` sets); kernel [in, out]."""
 
   def __init__(self, d_in, d_out, axes, *, bias=False, dtype, rngs):
     self.kernel = _param(rngs, (d_in, d_out), dtype, axes)
     self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
+    self.lora = nnx.data(None)  # data, not static: models/lora.py may put an adapter here
 
   def __call__(self, x):
     y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    if self.lora is not None:  # base + adapter, never merged into the kernel while training or sampling
+      y = y + self.lora(x)
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
