@@ -4,6 +4,7 @@ Command:
 
     python bench/lora.py                       # rank 8, alpha 16; about a minute on 2 quiet cores
     python bench/lora.py --rank 16 --repeats 20
+    python bench/lora.py --width 512 --layers 4   # a wider, deeper student (head_dim 64) on the same task
 
 One process, the quickstart's teacher (assets/arithmetic_teacher), student (its inline model at the
 quickstart's seed, unfitted: the weights do not change sizes or times), objective (student prefixes, exact
@@ -83,8 +84,15 @@ def main():
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--alpha", type=float, default=16.0)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--width", type=int, default=0, help="student hidden size (0: the quickstart's 64)")
+  parser.add_argument("--layers", type=int, default=0, help="student layers (0: the quickstart's 2)")
   args = parser.parse_args()
   config = cli.load_config(str(ROOT / "configs" / "quickstart.py"))
+  if args.width:  # Qwen3-like proportions: MLP 3x, heads of 64, 2 query heads per kv head
+    config.student.model.update(hidden_size=args.width, intermediate_size=3 * args.width, head_dim=64,
+                                num_heads=max(args.width // 64, 1), num_kv_heads=max(args.width // 128, 1))
+  if args.layers:
+    config.student.model.num_layers = args.layers
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   mesh = setup.make_mesh(config)
   vocab = config.vocab_size or tokenizer.vocab_size
