@@ -1,6 +1,7 @@
 """Chunked == unchunked for every full-vocabulary loss; fused hidden-state KL == materialised mixed_kl."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -264,9 +265,38 @@ def test_fused_bf16():
       lambda a, b: materialised(a, b, f32[2], f32[3], mask, lam=0.3), (0, 1))(f32[0], f32[1])
   np.testing.assert_allclose(val, want, rtol=1e-5)  # bf16 products are exact in float32 accumulation
   assert float(val) >= 0.0
-  # gradients are stored in bf16: one bf16 rounding
-  np.testing.assert_allclose(np.asarray(g_h, np.float32), w_h, rtol=1e-2, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(g_w, np.float32), w_w, rtol=1e-2, atol=1e-4)
+  # the bf16 tolerance of test_fused_bf16_hidden_with_float32_heads (dz enters the gradient matmuls in
+  # bf16), plus the gradients' own bf16 rounding
+  for g, w in ((g_h, w_h), (g_w, w_w)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=2e-2 * float(np.max(np.abs(w))))
+
+
+def test_fused_bf16_hidden_with_float32_heads():
+  """Training's mixed precision: bf16 hidden states, float32 heads. The heads are cast to bf16 (the
+  compute dtype) with float32 accumulation, so the value is the float32 reference on the bf16-rounded
+  heads (to 1e-5), not on the float32 ones. Stated bf16 tolerance of the gradients (dz is rounded to bf16
+  before the two gradient matmuls, as autodiff of a bf16 matmul does): 2% of the largest entry."""
+  hs, ws, ht, wt = hidden_and_heads(seed=27)
+  hs, ht = hs.astype(jnp.bfloat16), ht.astype(jnp.bfloat16)
+  mask = float_mask()
+  fused = lambda a, b: L.fused_token_kl(a, b, ht, wt, mask, lam=0.4, temperature=1.3, chunk_size=5)
+  val, (g_h, g_w) = jax.value_and_grad(fused, (0, 1))(hs, ws)
+  assert g_h.dtype == jnp.bfloat16 and g_w.dtype == jnp.float32
+  # every dot of the loss (forward and gradient) takes bf16 operands, as lowered for an accelerator (on
+  # XLA:CPU they are widened to float32 first: the same products, see fused._matmul)
+  hlo = jax.jit(jax.value_and_grad(fused, (0, 1))).trace(hs, ws).lower(lowering_platforms=("tpu",)).as_text()
+  dots = re.findall(r"dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", hlo)
+  assert len(dots) >= 4 and all("bf16" in a and "bf16" in b for a, b in dots), dots
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  rounded = lambda w: f32(w.astype(jnp.bfloat16))
+  reference = lambda a, b, w_t: materialised(a, b, f32(ht), w_t, mask, lam=0.4, temperature=1.3)
+  want, (w_h, w_w) = jax.value_and_grad(reference, (0, 1))(f32(hs), rounded(ws), rounded(wt))
+  unrounded = reference(f32(hs), ws, wt)
+  assert abs(float(val) - float(want)) <= 1e-5 * abs(float(want))
+  assert abs(float(val) - float(unrounded)) > 10 * abs(float(val) - float(want))  # the heads were cast
+  for g, w in ((g_h, w_h), (g_w, w_w)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=2e-2 * float(np.max(np.abs(w))))
 
 
 def test_fused_errors():

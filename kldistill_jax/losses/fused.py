@@ -8,6 +8,11 @@ accumulator. The backward pass only scales the stored gradients by the incoming 
 
 Gradient of the mixed loss w.r.t. the student logits z at one position (s = z / T, q = softmax(s)):
   d/dz [(1 - lam) KL(p||q) + lam KL(q||p)] = [(1 - lam)(q - p) + lam q ⊙ (log q - log p - KL(q||p))] / T
+
+Precision: the three V-wide matmuls per chunk (both models' logits, and the student's hidden-state and
+head gradients) run in the compute dtype, each model's hidden-state dtype (the heads are cast to it once,
+as the model's own forward does), with float32 accumulation; the divergence math is float32. So bf16
+activations with float32 master weights give bf16 MXU/tensor-core matmuls, not float32 ones.
 """
 
 import functools
@@ -27,17 +32,31 @@ from kldistill_jax.losses.divergences import entropy_from_log_probs, kl_from_log
 HEAD_GRAD_BLOCK = 8192
 
 
+def _matmul(a, b):
+  """a @ b with operands in the compute dtype and float32 accumulation.
+
+  XLA:CPU (jax 0.10) fails on some bf16 x bf16 -> float32 dots ("Unsupported element type for
+  DotThunk"); there the operands are widened to float32 first, which gives the same products (the
+  product of two bf16 numbers is exact in float32), so CPU tests check the accelerators' numerics.
+  """
+  widened = lambda a, b: jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
+                                 preferred_element_type=jnp.float32)
+  native = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  return lax.platform_dependent(a, b, cpu=widened, default=native)
+
+
 def _accumulate_head_grad(head_grad_DV, hidden_ND, dz_NV):
-  """head_grad += hidden^T @ dz, in place, one block of vocabulary columns at a time."""
+  """head_grad += hidden^T @ dz (float32 accumulator), in place, one block of vocabulary columns at a
+  time; the product runs in the dtype of dz (the compute dtype)."""
   vocab = dz_NV.shape[1]
   block = min(HEAD_GRAD_BLOCK, vocab)
-  hidden_DN = hidden_ND.T.astype(jnp.float32)
+  hidden_DN = hidden_ND.T.astype(dz_NV.dtype)
 
   def update(i, acc):
     start = jnp.minimum(i * block, vocab - block)  # the last block is shifted back to end at V ...
     fresh = start + jnp.arange(block) >= i * block  # ... and skips the columns already updated
     dz_NB = jnp.where(fresh[None, :], lax.dynamic_slice_in_dim(dz_NV, start, block, axis=1), 0.0)
-    acc_DB = lax.dynamic_slice_in_dim(acc, start, block, axis=1) + jnp.dot(hidden_DN, dz_NB)
+    acc_DB = lax.dynamic_slice_in_dim(acc, start, block, axis=1) + _matmul(hidden_DN, dz_NB)
     return lax.dynamic_update_slice_in_dim(acc, acc_DB, start, axis=1)
 
   return lax.fori_loop(0, math.ceil(vocab / block), update, head_grad_DV)
@@ -46,8 +65,8 @@ def _accumulate_head_grad(head_grad_DV, hidden_ND, dz_NV):
 def _chunk(head_grad, fresh, s_hidden_BCD, t_hidden_BCE, weights_BC, *, student_head, teacher_head, lam,
            temperature, with_grad):
   """One chunk [B, c]: per-position loss and stats, and (with_grad) the weighted student gradients."""
-  s_logits = jnp.dot(s_hidden_BCD, student_head, preferred_element_type=jnp.float32) / temperature
-  t_logits = jnp.dot(t_hidden_BCE, teacher_head, preferred_element_type=jnp.float32) / temperature
+  s_logits = _matmul(s_hidden_BCD, student_head) / temperature
+  t_logits = _matmul(t_hidden_BCE, teacher_head) / temperature
   s_logp, t_logp = jax.nn.log_softmax(s_logits), jax.nn.log_softmax(t_logits)
   fkl, rkl = kl_from_log_probs(t_logp, s_logp), kl_from_log_probs(s_logp, t_logp)
   out = {"loss": lam * rkl + (1.0 - lam) * fkl, "forward_kl": fkl, "reverse_kl": rkl,
@@ -60,7 +79,9 @@ def _chunk(head_grad, fresh, s_hidden_BCD, t_hidden_BCE, weights_BC, *, student_
   # A position's weight is zero when masked or already counted by an earlier (overlapping) chunk.
   w = jnp.where(fresh & (weights_BC != 0), weights_BC, 0.0)[..., None] / temperature
   dz_BCV = jnp.where(w != 0, w * ((1.0 - lam) * (q - p) + lam * q * (log_ratio - rkl[..., None])), 0.0)
-  out["hidden_grad"] = jnp.dot(dz_BCV, student_head.T.astype(jnp.float32))
+  # Both gradient matmuls take dz in the compute dtype (as autodiff of a bf16 matmul would).
+  dz_BCV = dz_BCV.astype(student_head.dtype)
+  out["hidden_grad"] = _matmul(dz_BCV, student_head.T)
   head_grad = _accumulate_head_grad(head_grad, s_hidden_BCD.reshape(-1, s_hidden_BCD.shape[-1]),
                                     dz_BCV.reshape(-1, dz_BCV.shape[-1]))
   return head_grad, out
@@ -69,6 +90,9 @@ def _chunk(head_grad, fresh, s_hidden_BCD, t_hidden_BCE, weights_BC, *, student_
 def _run(student_hidden, student_head, teacher_hidden, teacher_head, weights, lam, temperature,
          chunk_size, with_grad):
   init = jnp.zeros(student_head.shape, jnp.float32) if with_grad else None
+  # Cast once, outside the scan: each chunk then reads the heads in the compute dtype.
+  student_head = student_head.astype(student_hidden.dtype)
+  teacher_head = teacher_head.astype(teacher_hidden.dtype)
   body = functools.partial(_chunk, student_head=student_head, teacher_head=teacher_head, lam=lam,
                            temperature=temperature, with_grad=with_grad)
   return scan_position_chunks(body, (student_hidden, teacher_hidden, weights), chunk_size, init)
@@ -155,7 +179,9 @@ def fused_token_kl(student_hidden, student_head, teacher_hidden, teacher_head, m
 
   Args:
     student_hidden: [..., D_s] final (post-norm) hidden states; teacher_hidden: [..., D_t], same [...].
-    student_head: [D_s, V]; teacher_head: [D_t, V] (for tied embeddings pass the embedding transposed).
+    student_head: [D_s, V]; teacher_head: [D_t, V] (for tied embeddings pass the embedding transposed),
+      any float dtype: each is cast to its hidden states' dtype, the matmuls' compute dtype (float32
+      accumulation); the head gradient comes back in the head's own dtype.
     mask: optional [...] weights.
     lam: weight of the reverse KL in [0, 1] (0 = forward KL, 1 = reverse KL).
     temperature: divides both models' logits.
