@@ -75,24 +75,44 @@ def compute(objective, student_logits, teacher_logits, batch, shared: SharedVoca
   s_lp, s_tok = _token_logprobs(s_logits, targets, objective.temperature)
   # The teacher's next-token logits where each group starts (after the same text as the student's).
   t_at = jnp.take_along_axis(t_logits, jnp.maximum(starts_at, 0)[..., None], axis=1)
+  num_tokens = batch.get("num_tokens")
   if objective.cross_tokenizer == "uld":
     per_group = xt.uld_distance(s_logits, t_at, temperature=objective.temperature)
     name = "cross_uld"
   else:
     _, t_tok = _token_logprobs(t_logits, batch["teacher_tokens"][:, 1:], objective.temperature)
+    # Entry i of a span array is the group whose first student prediction is i (0 where none starts).
     s_span = xt.span_log_probs(s_tok, group, n)
-    t_span = xt.span_log_probs(t_tok, batch["cross_teacher_group"][:, 1:], n)
+    t_span = lax.stop_gradient(xt.span_log_probs(t_tok, batch["cross_teacher_group"][:, 1:], n))
     lam = objective.reverse_weight
+    if objective.estimator == "sampled":
+      loss = _sampled_span_loss(s_span, t_span, group, is_start, weights, batch, num_tokens)
+      return loss, _metrics(loss, "cross_span_kl_k1", s_lp, group, is_start, exact, weights, num_tokens)
     token_kl = xt.shared_vocab_kl(s_logits, t_at, shared.student_ids, shared.teacher_ids, lam=lam,
                                   temperature=objective.temperature)
-    span_kl = xt.mixed_bernoulli_kl(s_span, lax.stop_gradient(t_span), lam=lam)
+    span_kl = xt.mixed_bernoulli_kl(s_span, t_span, lam=lam)
     per_group = jnp.where(exact, token_kl, span_kl)
     name = "cross_span_kl"
   per_position = jnp.where(is_start, per_group, 0.0)
-  num_tokens = batch.get("num_tokens")
   loss = reduce_positions(per_position, weights, "mean", num_tokens)
+  return loss, _metrics(loss, name, s_lp, group, is_start, exact, weights, num_tokens)
+
+
+def _sampled_span_loss(s_span, t_span, group, is_start, weights, batch, num_tokens):
+  """The sampled reverse KL on span groups (student prefixes): REINFORCE on log Q(span) with the dense
+  reward log P(span) - log Q(span), importance-weighted by Q / behaviour per span, as
+  `losses.reverse_kl_policy_gradient` does per token (one-token groups: exactly that estimator)."""
+  behavior = batch.get("behavior_logprobs")
+  if behavior is not None:
+    behavior = xt.span_log_probs(behavior[:, 1:], group, group.shape[1])
+  starts = jnp.where(is_start, weights, 0).astype(jnp.float32)
+  total = jnp.sum(weights.astype(jnp.float32)) if num_tokens is None else num_tokens
+  return losses.reverse_kl_policy_gradient(s_span, t_span, starts, behavior_logprobs=behavior, num_tokens=total)
+
+
+def _metrics(loss, name, s_lp, group, is_start, exact, weights, num_tokens):
   mean = lambda v: reduce_positions(lax.stop_gradient(v).astype(jnp.float32), weights, "mean", num_tokens)
-  metrics = {
+  return {
       "loss": lax.stop_gradient(loss), name: lax.stop_gradient(loss),
       "num_tokens": jnp.sum(weights.astype(jnp.float32)),
       "student_entropy": mean(losses.entropy_from_log_probs(s_lp)),
@@ -100,4 +120,3 @@ def compute(objective, student_logits, teacher_logits, batch, shared: SharedVoca
       "cross_exact_fraction": mean(is_start & exact),  # ... in one-token shared-vocabulary groups
       "cross_groups_per_token": mean(is_start),
   }
-  return loss, metrics

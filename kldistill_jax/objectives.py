@@ -40,7 +40,7 @@ from jax import lax
 from kldistill_jax import losses
 from kldistill_jax.errors import UserError
 from kldistill_jax.losses import _checks
-from kldistill_jax.losses.chunking import reduce_positions
+from kldistill_jax.losses.chunking import map_position_chunks, reduce_positions
 
 PREFIXES = ("teacher", "student", "dataset")
 KLS = ("forward", "reverse", "mixed")
@@ -115,9 +115,12 @@ class Objective:
 
   def _check_cross_tokenizer(self):
     field = f"objective.cross_tokenizer={self.cross_tokenizer!r}"
-    if self.estimator != "exact":
-      raise UserError(f"{field} compares whole distributions and span probabilities: it needs "
-                      f"objective.estimator='exact', got {self.estimator!r}")
+    if self.estimator != "exact" and self.cross_tokenizer != "span":
+      raise UserError(f"{field} compares whole distributions: it needs objective.estimator='exact', got "
+                      f"{self.estimator!r} (the sampled estimator exists for cross_tokenizer='span')")
+    if self.discount != 0.0 or self.clip is not None:
+      raise UserError(f"{field}: objective.discount and objective.clip are not supported (rewards are per "
+                      "span group)")
     if self.prefix == "teacher":
       raise UserError(f"{field} scores the student's or the dataset's text with the teacher: "
                       "objective.prefix must be 'student' or 'dataset' (teacher samples in the teacher's "
@@ -272,18 +275,45 @@ def compute(objective: Objective, student_logits, teacher_logits, batch):
 
 def compute_from_hidden(objective: Objective, student_hidden, student_head, teacher_hidden, teacher_head,
                         batch):
-  """`compute` for the exact estimator from final hidden states [B, L, D] and heads [D, V].
+  """`compute` from final hidden states [B, L, D] and output heads [D, V], never materialising [B, L, V]
+  logits: the same loss and metrics as `compute` on the logits `hidden @ head`.
 
-  Never materialises [B, L, V] logits (see `losses.fused_token_kl`); same loss and metrics as
-  `compute` on the logits `hidden @ head`, except "sampled_reverse_kl_k3" (no token log-probs).
+  Exact estimator: the fused full-vocabulary KL (`losses.fused_token_kl_with_stats`; no
+  "sampled_reverse_kl_k3", it has no token log-probs). Sampled estimator: the sampled tokens' log-probs and
+  the student's entropies in position chunks (`losses.token_logprobs`); teacher_hidden / teacher_head may
+  be None when batch["teacher_logprobs"] holds the teacher's per-token log-probs.
   """
-  if objective.estimator != "exact":
-    raise ValueError("compute_from_hidden supports objective.estimator='exact' only; the sampled "
-                     "estimator needs token log-probs: use compute()")
+  if objective.estimator == "sampled":
+    return _sampled_from_hidden(objective, student_hidden, student_head, teacher_hidden, teacher_head, batch)
   _, weights, _, (s_hidden, t_hidden) = align(batch, student_hidden, teacher_hidden)
   num_tokens = batch.get("num_tokens")
   loss, stats = losses.fused_token_kl_with_stats(
       s_hidden, student_head, t_hidden, lax.stop_gradient(teacher_head), weights,
       lam=objective.reverse_weight, temperature=objective.temperature, chunk_size=objective.chunk_size,
       num_tokens=num_tokens)
+  return loss, _metrics(loss, stats, weights, num_tokens)
+
+
+def _sampled_from_hidden(objective, student_hidden, student_head, teacher_hidden, teacher_head, batch):
+  targets, weights, extras, (s_hidden, t_hidden) = align(batch, student_hidden, teacher_hidden)
+  num_tokens = batch.get("num_tokens")
+  if t_hidden is not None:  # `compute`'s token_stats, one chunk of positions at a time
+    t_hidden, t_head = lax.stop_gradient(t_hidden), lax.stop_gradient(teacher_head)
+
+    def chunk_stats(s_chunk, t_chunk, targets_chunk):
+      return losses.token_stats(losses.head_logits(s_chunk, student_head), losses.head_logits(t_chunk, t_head),
+                                targets_chunk, temperature=objective.temperature)
+
+    stats = map_position_chunks(chunk_stats, (s_hidden, t_hidden, targets), objective.chunk_size)
+  elif "teacher_logprobs" in extras:
+    student_lp, student_entropy = losses.token_logprobs(s_hidden, student_head, targets,
+                                                        temperature=objective.temperature,
+                                                        chunk_size=objective.chunk_size)
+    stats = {"student_entropy": student_entropy, "student_logprob": student_lp,
+             "teacher_logprob": extras["teacher_logprobs"].astype(jnp.float32)}
+  else:
+    raise ValueError("the sampled estimator needs the teacher's hidden states and head or "
+                     "batch['teacher_logprobs']")
+  loss = _sampled_loss(objective, stats["student_logprob"], lax.stop_gradient(stats["teacher_logprob"]),
+                       weights, extras, num_tokens)
   return loss, _metrics(loss, stats, weights, num_tokens)

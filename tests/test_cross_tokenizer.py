@@ -149,7 +149,8 @@ def _rows(tokenizer, prompts, completions, prompt_len=8, response_len=20):
 def test_span_equals_token_level_loss_with_one_tokenizer():
   """Both sides the char tokenizer: every group is one shared token, so `span` is the exact token-level
   loss (values and gradients), through the whole host-side path (decode, re-encode, align, teacher rows).
-  Mixed KL (lam = 0.3) checks both directions at once; `uld` there is the sorted distance per token."""
+  Mixed KL (lam = 0.3) checks both directions at once; the sampled estimator is the per-token one; `uld`
+  there is the sorted distance per token."""
   kl, lam = "mixed", 0.3
   cross = ct.make(CHAR, CHAR, student_rows=CHAR.vocab_size, teacher_rows=CHAR.vocab_size)
   prompts, completions = ["2+5=", "9+5+8="], ["5+2=7#7", "8+5=13,13+9=22#22"]
@@ -177,6 +178,18 @@ def test_span_equals_token_level_loss_with_one_tokenizer():
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
   assert metrics["cross_exact_fraction"] == 1 and metrics["cross_unaligned_fraction"] == 0
 
+  # The sampled estimator (reverse KL, REINFORCE per span): one-token spans are the ordinary per-token one.
+  behavior = rng.normal(size=batch["tokens"].shape).astype(np.float32) - 2.0
+  sampled_batch = dict(jbatch, behavior_logprobs=jnp.asarray(behavior))
+  ordinary = objectives.Objective(prefix="student", kl="reverse", estimator="sampled")
+  span = objectives.Objective(prefix="student", kl="reverse", estimator="sampled", cross_tokenizer="span")
+  (want, _), want_grad = jax.value_and_grad(
+      lambda s: objectives.compute(ordinary, s, t_same, sampled_batch), has_aux=True)(s_logits)
+  (got, _), got_grad = jax.value_and_grad(
+      lambda s: cross_objectives.compute(span, s, t_own, sampled_batch, cross.shared), has_aux=True)(s_logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
   uld = objectives.Objective(prefix="student", kl="forward", estimator="exact", cross_tokenizer="uld")
   got, _ = cross_objectives.compute(uld, s_logits, t_own, jbatch, cross.shared)
   per_token = xt.uld_distance(s_logits[:, :-1], t_same[:, :-1])
@@ -203,7 +216,9 @@ def test_batch_char_student_bpe_teacher(bpe):
 
 def test_bad_settings_are_user_errors(tmp_path):
   with pytest.raises(UserError, match="objective.estimator='exact'"):
-    objectives.Objective(prefix="student", estimator="sampled", cross_tokenizer="span")
+    objectives.Objective(prefix="student", estimator="sampled", cross_tokenizer="uld")
+  with pytest.raises(UserError, match="objective.discount"):
+    objectives.Objective(prefix="student", estimator="sampled", discount=1.0, cross_tokenizer="span")
   with pytest.raises(UserError, match="objective.prefix must be 'student' or 'dataset'"):
     objectives.Objective(prefix="teacher", estimator="exact", cross_tokenizer="uld")
   with pytest.raises(UserError, match="cross_tokenizer"):
@@ -218,17 +233,32 @@ def test_bad_settings_are_user_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------- end to end
 
-def test_run_improves_a_bpe_student_from_a_char_teacher(bpe, tmp_path):
-  """run_distill with the shipped char teacher (its tokenizer files) and a random inline student on the
-  BPE's ids, `span` at the dataset's responses: every position aligns and the loss falls by half."""
-  c = config_files.load("quickstart", "smoke", **{
-      "objective.cross_tokenizer": "span", "objective.prefix": "dataset", "objective.kl": "forward",
-      "data.tokenizer": str(bpe.path), "steps": 20, "log_every": 10, "checkpoint_every": 20,
+def test_run_improves_a_bpe_student_from_a_char_teacher(tmp_path):
+  """configs/cross_tokenizer.py: the shipped char teacher (its tokenizer files) and a random inline student
+  on the shipped arithmetic BPE's ids (merges across "+", "=", "#"), `span` at the dataset's responses:
+  every position aligns, multi-character student tokens meet several teacher tokens, the loss halves."""
+  c = config_files.load("cross_tokenizer", "smoke", **{
+      "objective.prefix": "dataset", "steps": 20, "log_every": 10, "checkpoint_every": 20,
       "student.warmup_steps": 0, "student.model.num_layers": 1, "optimizer.learning_rate": 1e-2,
       "optimizer.warmup_steps": 2})
   results = runner.run_distill(c, tmp_path)
   assert results["teacher"]["accuracy"] >= 0.5  # evaluated with its own (char) tokenizer
   metrics = read_metrics(tmp_path)
   first, last = metrics[0], metrics[-1]
-  assert last["cross_unaligned_fraction"] == 0.0
+  assert last["cross_unaligned_fraction"] == 0.0 and last["cross_exact_fraction"] < 0.9
   assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
+
+
+def test_preflight_reads_the_teachers_own_tokenizer(bpe):
+  """An inline teacher with teacher.tokenizer="char" next to a BPE data.tokenizer: teacher.tokenizer is
+  refused without objective.cross_tokenizer; with it the teacher's column is the char tokenizer."""
+  from kldistill_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  c = config_files.load("quickstart", **{"teacher.path": "", "teacher.tokenizer": "char",
+                                         "data.tokenizer": str(bpe.path)})
+  c.teacher.model.update(c.student.model)
+  with pytest.raises(UserError, match="teacher.tokenizer='char' is read only with objective.cross_tokenizer"):
+    preflight.run(c, bpe)
+  c.objective.cross_tokenizer = "span"
+  report = preflight.run(c, bpe)
+  rows = {row[0]: row[1:] for row in report.rows}
+  assert not report.errors and rows["rows"][0] == str(CHAR.vocab_size) and rows["tokens"][0] == "40"

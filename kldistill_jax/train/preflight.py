@@ -297,6 +297,17 @@ def model_side(config, field, data) -> Side:
               generation=_generation(path))
 
 
+def _own_tokenizer(side, config) -> Side:
+  """The teacher's column under objective.cross_tokenizer: the facts of teacher.tokenizer, which it reads
+  the text with; an inline teacher has a row per token of it."""
+  from kldistill_jax.train import cross_tokenizer  # pylint: disable=g-import-not-at-top
+  own = data_side(cross_tokenizer.teacher_tokenizer(config))
+  inline = side.source == INLINE
+  return dataclasses.replace(
+      side, tokenizer=own.tokenizer, rows=own.tokenizer.size if inline else side.rows,
+      source=f"{'inline model' if inline else side.source}, reading text with teacher.tokenizer={config.teacher.tokenizer!r}")
+
+
 def run(config, tokenizer, models=("teacher", "student")) -> Report:
   """Prints the table of `models` vs data.tokenizer (`tokenizer`) on process 0; raises a `UserError`
   naming every blocking mismatch. models: the config sections the job loads ("student" last)."""
@@ -304,6 +315,11 @@ def run(config, tokenizer, models=("teacher", "student")) -> Report:
   sides = {field: model_side(config, field, data) for field in models}
   cross_field = "cross_tokenizer" in config.objective
   cross = cross_field and config.objective.cross_tokenizer not in ("off", "")
+  if "teacher" in sides and config.teacher.tokenizer:
+    if not cross:
+      raise UserError(f"teacher.tokenizer={config.teacher.tokenizer!r} is read only with "
+                      "objective.cross_tokenizer 'uld' or 'span'; with 'off' the teacher reads data.tokenizer's ids")
+    sides["teacher"] = _own_tokenizer(sides["teacher"], config)
   report = compare(sides.get("teacher"), sides["student"], data, stop_ids=tuple(tokenizer.eos_ids),
                    template=config.data.template, cross_tokenizer=cross)
   if jax.process_index() == 0:
