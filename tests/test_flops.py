@@ -36,13 +36,16 @@ def test_hand_count():
   # remat reruns each block up to its down projection: q, k, v, o, gate, up and the attention.
   recomputed = q + k + v + o + 2 * 2 * 8 * 16 + 3 * per_key  # 992 per token
   assert train_flops(dataclasses.replace(xla, remat=True), 2, 3) == 3 * 8448 + 2 * 3 * recomputed == 31296
-  # Prompt 3 (unbucketed), 2 new tokens: a cache of 5 slots from the prefill on.
+  # Prompt 3 (unbucketed), 2 new tokens: a cache of 5 slots from the prefill on; the prefill runs the head
+  # on each row's last prompt position only.
   per_token = dense + 5 * per_key  # 1472
-  assert generation_flops(TINY, 2, 3, 2, bucket=False) == 2 * 3 * per_token + 2 * 2 * per_token == 14720
+  prefill = 2 * 3 * (per_token - head) + 2 * head
+  assert generation_flops(TINY, 2, 3, 2, bucket=False) == prefill + 2 * 2 * per_token == 14080
   # The sampler pads the prompt to 16 columns: 18 slots; one decode step when every row stops at once.
   per_token = dense + 18 * per_key  # 1888
-  assert generation_flops(TINY, 2, 3, 2, decode_steps=1) == 2 * 16 * per_token + 2 * per_token == 64192
-  assert generation_flops(TINY, 2, 3, 2) == 2 * 16 * per_token + 2 * 2 * per_token
+  prefill = 2 * 16 * (per_token - head) + 2 * head
+  assert generation_flops(TINY, 2, 3, 2, decode_steps=1) == prefill + 2 * per_token == 59392
+  assert generation_flops(TINY, 2, 3, 2) == prefill + 2 * 2 * per_token
   with pytest.raises(ValueError, match="decode_steps must be in"):
     generation_flops(TINY, 2, 3, 2, decode_steps=3)
 
@@ -51,7 +54,7 @@ def test_generation_is_prefill_plus_decode_steps_over_the_whole_cache():
   config = qwen3(hidden_size=64, num_layers=3, num_heads=4, head_dim=16, num_kv_heads=2,
                  intermediate_size=96, vocab_size=50)
   slots = 32 + 9  # prompt 17 -> bucket 32, then 9 new tokens
-  prefill = forward_flops(config, 3, 32, context_len=slots)
+  prefill = forward_flops(config, 3, 32, context_len=slots, lm_head=False) + 2 * 3 * 64 * 50
   step = forward_flops(config, 3, 1, context_len=slots)
   assert generation_flops(config, 3, 17, 9, decode_steps=4) == prefill + 4 * step
   assert generation_flops(config, 3, 17, 9) == prefill + 9 * step
@@ -141,10 +144,11 @@ def test_prefill_and_decode_step_agree_with_xla(unrolled):
   _close(prefill, forward_flops(WIDE, B, PROMPT, context_len=PROMPT + NEW))  # LM head on all P positions
   decode = _xla(forward, state, cache, *_tokens(B, 1))
   _close(decode, forward_flops(WIDE, B, 1, context_len=PROMPT + NEW))
-  # The counts compose: the prefill, then decode_steps of those steps.
+  # The counts compose: the sampler's prefill (the head on one position per row), then decode_steps of
+  # those steps.
   assert generation_flops(WIDE, B, PROMPT, NEW, decode_steps=7) == (
-      forward_flops(WIDE, B, PROMPT, context_len=PROMPT + NEW)
-      + 7 * forward_flops(WIDE, B, 1, context_len=PROMPT + NEW))
+      forward_flops(WIDE, B, PROMPT, context_len=PROMPT + NEW, lm_head=False)
+      + 2 * B * WIDE.hidden_size * WIDE.vocab_size + 7 * forward_flops(WIDE, B, 1, context_len=PROMPT + NEW))
 
 
 def test_sampler_agrees_with_xla_per_loop_iteration(unrolled):

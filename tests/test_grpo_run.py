@@ -40,6 +40,9 @@ def test_token_logprobs_are_the_samplers_and_score_agrees():
   np.testing.assert_allclose(np.asarray(lp)[keep], np.asarray(out.sampling_logprobs)[keep], atol=2e-5)
   scored, _ = sampling.score(model, batch["tokens"], batch["attention_mask"], temperature=0.7)
   np.testing.assert_allclose(np.asarray(lp)[keep], np.asarray(scored)[keep], atol=2e-5)
+  # in chunks of 2 time steps x 4 rows (11 positions: the last chunk overlaps): the same values
+  chunked = rl.token_logprobs(model, batch, 0.7, chunk_size=8)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(lp), atol=1e-6)
 
 
 def test_first_update_is_the_policy_gradient_with_ratio_one():
@@ -51,10 +54,10 @@ def test_first_update_is_the_policy_gradient_with_ratio_one():
   optimizer = optax.sgd(0.1)
   state = init_state(m.params, optimizer, 0)
   step = rl.build_policy_step(policy=Split(m.graphdef, None, m.rest), optimizer=optimizer, micro_batches=2,
-                              settings=dict(temperature=1.0, clip_eps=0.2, kl_coef=0.0))
+                              settings=dict(temperature=1.0, clip_eps=0.2, kl_coef=0.0, chunk_size=8))
   weights = np.asarray(batch["loss_mask"][:, 1:], np.float32)
 
-  def surrogate(params):  # the REINFORCE form, written independently of grpo_loss
+  def surrogate(params):  # the REINFORCE form, written independently of grpo_loss (and unchunked)
     lp = rl.token_logprobs(m.merge(params), batch, 1.0)[:, 1:]
     return -jnp.sum(batch["advantages"][:, None] * lp * weights) / weights.sum()
 

@@ -189,9 +189,13 @@ def test_micro_batches_sum_to_the_global_mean(case):
 
 
 @pytest.mark.parametrize("objective", [objectives.sft, objectives.mixed(0.7),
-                                       dataclasses.replace(objectives.mixed(0.2), chunk_size=3)])
+                                       dataclasses.replace(objectives.mixed(0.2), chunk_size=3),
+                                       objectives.offline_rl, dataclasses.replace(objectives.opd, chunk_size=3)])
 def test_compute_from_hidden_matches_logits(case, objective):
-  batch = _batch(case)
+  """Exact: the fused KL; sampled: the tokens' log-probs in position chunks (chunk_size=3: one time step
+  of the 3 rows per chunk). Same loss, metrics and gradients as `compute` on the full logits."""
+  behavior = -jax.random.uniform(jax.random.key(5), (B, L), minval=0.5, maxval=3.0)
+  batch = _batch(case, behavior_logprobs=behavior) if objective.estimator == "sampled" else _batch(case)
   from_logits = lambda h, w: objectives.compute(objective, h @ w, case["teacher"], batch)
   from_hidden = lambda h, w: objectives.compute_from_hidden(objective, h, w, case["t_hidden"],
                                                             case["t_head"], batch)
@@ -200,7 +204,29 @@ def test_compute_from_hidden_matches_logits(case, objective):
   (loss_b, metrics_b), grads_b = jax.value_and_grad(from_hidden, (0, 1), has_aux=True)(
       case["s_hidden"], case["s_head"])
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
-  for name in ("forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "num_tokens"):
+  names = ["forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "num_tokens"]
+  if objective.estimator == "sampled":
+    names.append("sampled_reverse_kl_k3")
+  for name in names:
+    np.testing.assert_allclose(metrics_b[name], metrics_a[name], rtol=1e-5, err_msg=name)
+  for a, b in zip(grads_a, grads_b):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_sampled_from_hidden_with_cached_teacher_logprobs(case):
+  """No teacher states: batch['teacher_logprobs'] (a cache's) serve the sampled estimator, as in `compute`."""
+  objective = dataclasses.replace(objectives.offline_rl, chunk_size=4)
+  teacher_lp = jax.nn.log_softmax(case["teacher"], axis=-1)
+  picked = jnp.take_along_axis(teacher_lp[:, :-1], jnp.asarray(case["tokens"])[:, 1:, None], -1)[..., 0]
+  batch = _batch(case, teacher_logprobs=jnp.pad(picked, ((0, 0), (1, 0))))
+  from_logits = lambda h, w: objectives.compute(objective, h @ w, None, batch)
+  from_hidden = lambda h, w: objectives.compute_from_hidden(objective, h, w, None, None, batch)
+  (loss_a, metrics_a), grads_a = jax.value_and_grad(from_logits, (0, 1), has_aux=True)(
+      case["s_hidden"], case["s_head"])
+  (loss_b, metrics_b), grads_b = jax.value_and_grad(from_hidden, (0, 1), has_aux=True)(
+      case["s_hidden"], case["s_head"])
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+  for name in ("student_entropy", "sampled_reverse_kl_k3", "num_tokens"):
     np.testing.assert_allclose(metrics_b[name], metrics_a[name], rtol=1e-5, err_msg=name)
   for a, b in zip(grads_a, grads_b):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
@@ -238,9 +264,8 @@ def test_batch_errors(case):
                        _batch(case, behavior_logprobs=jnp.zeros((B, L + 1))))
   with pytest.raises(ValueError, match="teacher_logprobs"):
     objectives.compute(objectives.opd, case["student"], None, _batch(case))
-  with pytest.raises(ValueError, match="estimator='exact' only"):
-    objectives.compute_from_hidden(objectives.opd, case["s_hidden"], case["s_head"], case["t_hidden"],
-                                   case["t_head"], _batch(case))
+  with pytest.raises(ValueError, match="teacher_logprobs"):
+    objectives.compute_from_hidden(objectives.opd, case["s_hidden"], case["s_head"], None, None, _batch(case))
 
 
 def test_presets_are_the_2x2():

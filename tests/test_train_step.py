@@ -6,6 +6,8 @@ accumulation against one big batch, the 8-device mesh against 1 device, and gold
 drift. The teacher is never donated or changed.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,11 +95,16 @@ def test_step_loss_matches_reference_and_golden(setup, name):
   np.testing.assert_allclose(metrics["loss"], GOLDEN[name], rtol=1e-5, atol=2e-7)  # GPU reductions differ ~1e-7
 
 
-@pytest.mark.parametrize("name", ["sft", "opd", "mixed_0.3"])
-def test_update_is_sgd_on_the_objective(setup, name):
+@pytest.mark.parametrize("name,fused,chunk_size", [("sft", False, None), ("opd", False, None),
+                                                   ("mixed_0.3", False, None), ("opd", True, 24),
+                                                   ("mixed_0.3", True, 24)])
+def test_update_is_sgd_on_the_objective(setup, name, fused, chunk_size):
+  """The step's update against SGD on the gradient of `objectives.compute` on full logits; fused: the
+  loss from hidden states (the exact KL fused, the sampled estimator's log-probs) in chunks of 3 time
+  steps x 8 rows, so the last chunk overlaps."""
   student, teacher, batch = setup
-  objective = CELLS[name]
-  new_state, _ = _step(student, teacher, batch, objective, fused=False)
+  objective = dataclasses.replace(CELLS[name], chunk_size=chunk_size)
+  new_state, _ = _step(student, teacher, batch, objective, fused=fused)
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
   mask = jbatch["attention_mask"]
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

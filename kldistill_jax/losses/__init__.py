@@ -11,11 +11,12 @@ from kldistill_jax.losses.divergences import (entropy_from_log_probs, forward_kl
 from kldistill_jax.losses.fused import fused_token_kl, fused_token_kl_with_stats
 from kldistill_jax.losses.sampled import (forward_kl_from_teacher_samples, importance_weights, kl_estimate, reverse_kl_policy_gradient,
                                           reward_to_go)
+from kldistill_jax.losses.token_logprobs import head_logits, token_logprobs
 from kldistill_jax.losses.topk import topk_forward_kl, topk_kl_from_log_probs
 
 __all__ = [
     "entropy_from_log_probs", "forward_kl", "forward_kl_from_teacher_samples", "fused_token_kl", "fused_token_kl_with_stats",
-    "generalized_jsd", "importance_weights", "kl_estimate", "kl_from_log_probs", "log_probs", "mixed_kl",
+    "generalized_jsd", "head_logits", "importance_weights", "kl_estimate", "kl_from_log_probs", "log_probs", "mixed_kl",
     "reverse_kl", "reverse_kl_policy_gradient", "reward_to_go", "skew_forward_kl", "skew_reverse_kl",
-    "token_stats", "topk_forward_kl", "topk_kl_from_log_probs",
+    "token_logprobs", "token_stats", "topk_forward_kl", "topk_kl_from_log_probs",
 ]

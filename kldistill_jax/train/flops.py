@@ -114,9 +114,10 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_t
   """What one `sampling.sample(model, [batch, prompt_len] prompts, max_new_tokens=...)` call computes.
 
   The sampler pads the prompt width P up to `sampling.bucket_length` (unless bucket=False) and allocates
-  a cache of P + max_new_tokens slots. The prefill runs P positions over that whole cache, LM head on every
-  position; then the decode loop runs `decode_steps` iterations (the longest completion in the batch,
-  EOS included: rows that finished early keep computing until every row has; default: max_new_tokens),
+  a cache of P + max_new_tokens slots. The prefill runs P positions over that whole cache, the LM head on
+  the last real prompt position only (one row of logits per row predicts the first token); then the
+  decode loop runs `decode_steps` iterations (the longest completion in the batch, EOS included: rows
+  that finished early keep computing until every row has; default: max_new_tokens),
   step i a one-token forward at slot P + i of that cache (attention over its blocks up to that slot,
   or over every slot for `xla`: see `attention_pairs`).
   """
@@ -125,7 +126,8 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_t
   if not 0 <= steps <= max_new_tokens:
     raise ValueError(f"decode_steps must be in [0, max_new_tokens={max_new_tokens}], got {decode_steps}")
   cache_len = width + max_new_tokens
-  return (forward_flops(config, batch, width, context_len=cache_len)
+  return (forward_flops(config, batch, width, context_len=cache_len, lm_head=False)
+          + head_flops(batch, config.hidden_size, config.vocab_size)
           + sum(forward_flops(config, batch, 1, context_len=cache_len, offset=width + i) for i in range(steps)))
 
 

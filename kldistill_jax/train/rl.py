@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kldistill_jax import data, objectives, sampling
+from kldistill_jax import data, losses, objectives, sampling
 from kldistill_jax.errors import UserError
 from kldistill_jax.train import distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
@@ -31,19 +31,21 @@ from kldistill_jax.models import sharding
 POLICY_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
 
-def token_logprobs(model, batch, temperature):
-  """[B, L] log-prob of each token under `model` at `temperature`, aligned with the tokens (0 at t = 0)."""
+def token_logprobs(model, batch, temperature, chunk_size=None):
+  """[B, L] log-prob of each token under `model` at `temperature`, aligned with the tokens (0 at t = 0).
+  From the final hidden states, about `chunk_size` positions at a time (`losses.token_logprobs`): never
+  [B, L, V] logits unless chunk_size is None."""
   mask = batch["attention_mask"]
-  logits, _ = model(batch["tokens"], sampling.prompt_positions(mask), None, mask)
-  targets, _, _, (shifted,) = objectives.align(batch, logits)
-  logp = jax.nn.log_softmax(shifted.astype(jnp.float32) / temperature, axis=-1)
-  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  hidden, _ = model(batch["tokens"], sampling.prompt_positions(mask), None, mask, return_hidden=True)
+  targets, _, _, (shifted,) = objectives.align(batch, hidden)
+  picked, _ = losses.token_logprobs(shifted, model.output_head(), targets, temperature=temperature,
+                                    chunk_size=chunk_size, entropy=False)
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef):
+def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef, chunk_size=None):
   """grpo_loss of the policy with `params` on one (micro-)batch, token mean over the whole batch."""
-  lp = token_logprobs(policy.merge(params), batch, temperature)[:, 1:]
+  lp = token_logprobs(policy.merge(params), batch, temperature, chunk_size)[:, 1:]
   ref = batch.get("ref_logprobs")
   loss, metrics = grpo.grpo_loss(lp, batch["old_logprobs"][:, 1:], batch["advantages"], batch["loss_mask"][:, 1:],
                                  clip_eps=clip_eps, ref_logprobs=None if ref is None else ref[:, 1:],
@@ -54,12 +56,13 @@ def policy_loss(params, batch, *, policy, temperature, clip_eps, kl_coef):
 
 
 def build_policy_step(*, policy, optimizer, micro_batches, settings, state_shardings=None):
-  """jit((state, batch) -> (state, metrics)): one GRPO update; settings: dict(temperature, clip_eps, kl_coef)."""
+  """jit((state, batch) -> (state, metrics)): one GRPO update; settings: dict(temperature, clip_eps, kl_coef,
+  optional chunk_size: positions per chunk of the log-prob pass)."""
   def step(state, batch, frozen):
     batch = {k: batch[k] for k in POLICY_KEYS if k in batch}
     loss_fn = functools.partial(policy_loss, policy=Split(policy.graphdef, None, frozen),
                                 temperature=settings["temperature"], clip_eps=settings["clip_eps"],
-                                kl_coef=settings["kl_coef"])
+                                kl_coef=settings["kl_coef"], chunk_size=settings.get("chunk_size"))
     return apply_gradients(state, batch, loss_fn, optimizer=optimizer, micro_batches=micro_batches)
 
   if state_shardings is None:
@@ -126,7 +129,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
   model = split(policy)
   optimizer, state, shardings = initial_state(config, model, mesh,
                                               total_steps=config.steps * g.updates_per_batch)
-  settings = dict(temperature=float(s.temperature), clip_eps=float(g.clip_eps), kl_coef=float(g.kl_coef))
+  settings = dict(temperature=float(s.temperature), clip_eps=float(g.clip_eps), kl_coef=float(g.kl_coef),
+                  chunk_size=config.objective.chunk_size)
   step_fn = build_policy_step(policy=Split(model.graphdef, None, model.rest), optimizer=optimizer,
                               micro_batches=config.micro_batches, settings=settings,
                               state_shardings=shardings)
@@ -134,7 +138,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
   prompt_len = config.data.prompt_len
   stops = data.stop_sequences(tokenizer, s.stop)  # the sampler stops on them too (prefixes.from_sampler)
   reference_split = split(reference) if g.kl_coef > 0 else None
-  score_reference = jax.jit(lambda ref, batch: token_logprobs(ref.merge(), batch, settings["temperature"]))
+  score_reference = jax.jit(lambda ref, batch: token_logprobs(ref.merge(), batch, settings["temperature"],
+                                                              settings["chunk_size"]))
 
   def one_step(state, step, data_batch, key, meta):
     del step

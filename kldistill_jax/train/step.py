@@ -59,12 +59,15 @@ def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True, 
     return _from_cached_hidden(model, batch, teacher, objective=objective, fused=fused)
   cached = teacher_outputs_cached(objective, batch)
   teacher_model = None if teacher is None or cached else teacher.merge()
-  if fused and teacher_model is not None and objective.estimator == "exact":
-    # Never materialises [B, L, V] logits (see losses.fused_token_kl).
+  if fused and (teacher_model is not None or objective.estimator == "sampled"):
+    # Never materialises [B, L, V] logits: the exact KL fused (losses.fused_token_kl), the sampled
+    # estimator's token log-probs in position chunks (losses.token_logprobs).
     s_hidden = _forward(model, batch, hidden=True)
-    t_hidden = lax.stop_gradient(_forward(teacher_model, batch, hidden=True))
-    return objectives.compute_from_hidden(objective, s_hidden, model.output_head(), t_hidden,
-                                          lax.stop_gradient(teacher_model.output_head()), batch)
+    t_hidden = t_head = None
+    if teacher_model is not None:
+      t_hidden = lax.stop_gradient(_forward(teacher_model, batch, hidden=True))
+      t_head = lax.stop_gradient(teacher_model.output_head())
+    return objectives.compute_from_hidden(objective, s_hidden, model.output_head(), t_hidden, t_head, batch)
   s_logits = _forward(model, batch, hidden=False)
   t_logits = None
   if teacher_model is not None:
