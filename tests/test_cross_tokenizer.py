@@ -238,7 +238,7 @@ def test_run_improves_a_bpe_student_from_a_char_teacher(tmp_path):
   on the shipped arithmetic BPE's ids (merges across "+", "=", "#"), `span` at the dataset's responses:
   every position aligns, multi-character student tokens meet several teacher tokens, the loss halves."""
   c = config_files.load("cross_tokenizer", "smoke", **{
-      "objective.prefix": "dataset", "steps": 20, "log_every": 10, "checkpoint_every": 20,
+      "objective.prefix": "dataset", "objective.estimator": "exact", "objective.kl": "forward", "steps": 20, "log_every": 10, "checkpoint_every": 20,
       "student.warmup_steps": 0, "student.model.num_layers": 1, "optimizer.learning_rate": 1e-2,
       "optimizer.warmup_steps": 2})
   results = runner.run_distill(c, tmp_path)
