@@ -19,13 +19,17 @@ Phases, each at m = 1 and m = 2 rows per device (the bytes are affine in m: resi
   train step (exact)   the config's step: student fwd+bwd (remat="block"), the teacher's forward, the fused
                        mixed-KL loss, AdamW; the state donated
   train step (:opd)    the `:opd` preset: sampled reverse KL, micro_batches=4 (m rows per micro-batch)
-For the sampler it also reports where the FSDP all-gathers of the weights sit: inside the decode loop
-(gathered per step, freed after use) or hoisted out of it (the gathered weights held for the whole loop).
+For the sampler it also reports where the FSDP all-gathers of the weights sit: inside the layer scans
+(one layer's weights per iteration, freed after use) or outside the loops (held while they run). With the
+layers scanned, only the embedding and the output head are gathered whole.
 
 These are XLA:CPU's figures for the device programs: the GPU and TPU compilers fuse, schedule and pick
 attention kernels differently (on CPU the attention is `blockwise`, the flash-style pure-JAX kernel; on GPU
-`auto` is cuDNN, on TPU splash, which hold no more), so read them as a close approximation, not the
-device compilers' exact numbers.
+`auto` is cuDNN, on TPU splash, which hold no more). One CPU artefact inflates the bfloat16 phases: XLA:CPU
+computes bfloat16 matmuls in float32, so it converts bfloat16 weights (and the gathered embedding and head)
+to float32 copies that a GPU or TPU never makes: e.g. the 8B teacher's gathered embedding + head are
+2 x 151,936 x 4,096 x 4 B = 5.0 GB here, 2.5 GB on a device. Read the figures as upper bounds close to the
+device compilers', not equal to them.
 """
 
 import argparse
@@ -89,15 +93,21 @@ def per_device_bytes(compiled):
           + m.temp_size_in_bytes)
 
 
+def _header(line):
+  """The computation name when `line` starts one (unindented `[ENTRY ]%name (params) -> type {`)."""
+  match = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s", line)
+  return match.group(1) if match and line.rstrip().endswith("{") else None
+
+
 def _while_bodies(hlo_text):
   """Names of the computations that are the body of a while loop (or called from one)."""
   bodies = set(re.findall(r"while\([^)]*\)[^\n]*body=%?([\w.\-]+)", hlo_text))
   calls = {}
   current = None
   for line in hlo_text.splitlines():
-    header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and "=" not in line.split("{")[0]:
-      current = header.group(1)
+    header = _header(line)
+    if header:
+      current = header
       calls[current] = set()
     elif current is not None:
       calls[current].update(re.findall(r"(?:to_apply|calls|body|condition|branch_computations)="
@@ -112,15 +122,17 @@ def _while_bodies(hlo_text):
 
 
 def all_gathers(hlo_text):
-  """(bytes gathered inside while loops, bytes gathered outside them), from the compiled HLO."""
+  """(bytes all-gathered inside while loops, bytes all-gathered outside any loop, the largest single
+  all-gather), from the compiled HLO. Inside: the layer scan gathers one layer's weights per iteration;
+  outside: gathered before the loops start and held until their last use."""
   inside, _ = _while_bodies(hlo_text)
   sizes = {"f32": 4, "bf16": 2, "s32": 4, "f16": 2, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-  loop_bytes = outside_bytes = 0
+  loop_bytes = outside_bytes = largest = 0
   current = None
   for line in hlo_text.splitlines():
-    header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and "=" not in line.split("{")[0]:
-      current = header.group(1)
+    header = _header(line)
+    if header:
+      current = header
       continue
     found = re.search(r"=\s*(\w+)\[([\d,]*)\][^=]*\sall-gather(?:-start)?\(", line)
     if not found:
@@ -130,11 +142,12 @@ def all_gathers(hlo_text):
     for d in filter(None, dims.split(",")):
       count *= int(d)
     nbytes = count * sizes.get(dtype, 4)
+    largest = max(largest, nbytes)
     if current in inside:
       loop_bytes += nbytes
     else:
       outside_bytes += nbytes
-  return loop_bytes, outside_bytes
+  return loop_bytes, outside_bytes, largest
 
 
 def compile_generation(split_model, rows, prompt_len, new_tokens, mesh, settings_section):
@@ -245,13 +258,16 @@ def report(results, shape):
       rows_text = "-" if rows is None else (f"{rows}" if rows > 0 else "0 (does not fit)")
       print(f"| {target} {mesh} | {hbm / GB:.1f} | {phase} | {resident / GB:.2f} | {per_row / GB:.3f} | "
             f"{rows_text} | {measured[1][1]:.0f} s |")
-  print("\n## Weight all-gathers of the sampler (FSDP)\n")
-  print("| mesh | model | gathered inside the decode loop (per step) | gathered outside the loop (held) |")
-  print("|---|---|---|---|")
+  print("\n## All-gathers of the sampler (FSDP)\n")
+  print("Inside loops: in the layer scans (prefill and decode), one layer's weights per iteration, freed "
+        "after it; outside: gathered before the loops and held through them.\n")
+  print("| mesh | model | gathered inside loops | gathered outside loops | largest single gather |")
+  print("|---|---|---|---|---|")
   for (fsdp, tensor), phases in results.items():
     for phase in ("student generation", "teacher generation"):
-      inside, outside = all_gathers(phases[phase][1][2].as_text())
-      print(f"| (1, {fsdp}, {tensor}) | {phase.split()[0]} | {inside / GB:.3f} GB | {outside / GB:.3f} GB |")
+      inside, outside, largest = all_gathers(phases[phase][1][2].as_text())
+      print(f"| (1, {fsdp}, {tensor}) | {phase.split()[0]} | {inside / GB:.3f} GB | {outside / GB:.3f} GB | "
+            f"{largest / GB:.3f} GB |")
   print(f"\nprompt {shape['prompt_len']} + {shape['new_tokens']} new tokens; :opd rows are per micro-batch "
         f"(micro_batches={shape['micro_batches']}). XLA:CPU figures: approximate the device compilers'.")
 
