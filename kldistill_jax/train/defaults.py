@@ -49,6 +49,9 @@ def base_config():
 
   c.sampling = ml_collections.ConfigDict()  # how training prefixes are sampled (teacher/student)
   c.sampling.max_new_tokens = 48  # the training length (tokens generated per prefix)
+  # > 0: the step batch drops columns that are padding in every row, keeping the longest completion and the
+  # longest prompt each rounded up to a multiple of this (few shapes = few compiles); 0 = static P + N
+  c.sampling.length_bucket = 256
   c.sampling.temperature = 1.0
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1 = off

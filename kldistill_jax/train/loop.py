@@ -20,8 +20,8 @@ from flax import nnx
 
 from kldistill_jax import data as data_lib, progress
 from kldistill_jax.errors import Preempted, UserError
-from kldistill_jax.train import (cross_tokenizer, curriculum, distributed, flops, prefixes, preemption, setup,
-                                 tracking, trajectories)
+from kldistill_jax.train import (buckets, cross_tokenizer, curriculum, distributed, flops, prefixes, preemption,
+                                 setup, tracking, trajectories)
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
@@ -229,15 +229,23 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
                              shared_vocab=None if cross is None else cross.shared)
   iterator = data_iterator(config, source, tokenizer, trajectory_cache=trajectory_cache)
   generator = None if trajectory_cache is not None or objective.prefix == "dataset" else objective.prefix
+  bucket = config.sampling.length_bucket
+  buckets.check_bucket(bucket)
+  new_shape = buckets.ShapeLog(f"{desc}: train step")
 
   def one_step(state, step, data_batch, key, meta):
     indices = data_batch.pop("index", None)
     stage_state = curriculum.CurriculumState.from_dict(meta["curriculum"]) if "curriculum" in meta \
         else curriculum.CurriculumState()
     length = None if curriculum_config is None else curriculum.length_at(stage_state, curriculum_config)
+    if trajectory_cache is None:  # the sampler too runs on prompts cut to the batch's longest bucket
+      data_batch = buckets.trim_prompts(data_batch, bucket)
+    prompt_width = (config.data.prompt_len if trajectory_cache is not None
+                    else data_batch["prompt_tokens"].shape[1])
     batch, rollout = _training_batch(data_batch, cached=trajectory_cache is not None, objective=objective,
                                      teacher=teacher, student=lambda: model.merge(state.params), rng=key,
                                      config=config, tokenizer=tokenizer, length=length)
+    batch = new_shape(buckets.trim_batch(batch, prompt_width, bucket))  # before teacher scoring and update
     if cross is not None:
       batch = cross_tokenizer.extend_batch(cross, batch, indices, source, setup.make_template(config), mesh)
     state, metrics = step_fn(state, batch, teacher_input)
@@ -262,7 +270,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
         student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
         generator=generator, batch_size=config.batch_size,
         teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
-        prompt_len=config.data.prompt_len, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
+        prompt_len=prompt_width, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
         decode_steps=decode_steps, teacher_head_shape=None if teacher_head is None else teacher_head.shape,
         teacher_length=batch["teacher_tokens"].shape[1] if cross is not None else None)
     flops.accumulate(meta["flops"], eval=eval_flops, **phases)

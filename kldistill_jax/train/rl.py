@@ -22,7 +22,7 @@ from flax import nnx
 
 from kldistill_jax import data, losses, objectives, sampling
 from kldistill_jax.errors import UserError
-from kldistill_jax.train import distributed, flops, grpo, prefixes
+from kldistill_jax.train import buckets, distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
 from kldistill_jax.train.state import Split, split
 from kldistill_jax.train.step import apply_gradients
@@ -135,7 +135,9 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
                               micro_batches=config.micro_batches, settings=settings,
                               state_shardings=shardings)
   iterator = data_iterator(config, source, tokenizer)
-  prompt_len = config.data.prompt_len
+  bucket = s.length_bucket
+  buckets.check_bucket(bucket)
+  new_shape = buckets.ShapeLog(f"{desc}: policy step")
   stops = data.stop_sequences(tokenizer, s.stop)  # the sampler stops on them too (prefixes.from_sampler)
   reference_split = split(reference) if g.kl_coef > 0 else None
   score_reference = jax.jit(lambda ref, batch: token_logprobs(ref.merge(), batch, settings["temperature"],
@@ -143,6 +145,8 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
 
   def one_step(state, step, data_batch, key, meta):
     del step
+    data_batch = buckets.trim_prompts(data_batch, bucket)  # the sampler too runs on the shorter prompts
+    prompt_len = data_batch["prompt_tokens"].shape[1]
     group = repeat_prompts(data_batch, g.group_size)
     current = model.merge(state.params)
     batch, rollout = prefixes.from_sampler(current, group, rng=key, settings=s, tokenizer=tokenizer)
@@ -153,6 +157,7 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
     advantages = grpo.group_advantages(jnp.asarray(rewards), g.group_size, normalize_std=g.normalize_std)
     batch = dict(batch, old_logprobs=batch.pop("behavior_logprobs"),
                  advantages=jax.device_put(advantages, sharding.batch_sharding(mesh, 1)))
+    batch = new_shape(buckets.trim_batch(batch, prompt_len, bucket))  # before reference scoring and updates
     if g.kl_coef > 0:
       batch["ref_logprobs"] = score_reference(reference_split, batch)
     update_metrics = []
