@@ -108,8 +108,8 @@ def _token_loss(kernel, student_logits, teacher_logits, mask, temperature, reduc
 
 def _kl_loss(kind, student_logits, teacher_logits, mask, temperature, reduction, chunk_size, num_tokens,
              lam=0.0):
-  """Forward/reverse/mixed KL with the one-pass analytic gradient of `logits_kl` (same values and
-  gradients as `_token_loss` with the matching kernel, less time and memory)."""
+  """Forward/reverse/mixed KL with the closed-form gradient of `logits_kl` (same values and gradients
+  as `_token_loss` with the matching kernel, less time and memory)."""
   _checks.check_logits_pair(student_logits, teacher_logits)
   _checks.check_temperature(temperature)
   _checks.check_chunk_size(chunk_size)
@@ -134,10 +134,11 @@ def forward_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, re
     chunk_size: positions per chunk (None: all at once).
     num_tokens: denominator for "mean" instead of the mask's count (the global count when accumulating).
 
-  The value and its gradient (w.r.t. both logits) come from one pass with a closed-form gradient
-  (`logits_kl`): the scratch beyond the gradient itself is about 3 * chunk_size * V float32. On a CPU a
-  small chunk_size (2-8) is also the fastest: the chunk's intermediates stay in cache (bench/logits_kl.py).
-  No forward-mode autodiff (jvp).
+  The gradient (w.r.t. both logits) has a closed form (`logits_kl`): the forward pass only reduces each
+  chunk to a few numbers per position, the backward pass writes the gradient in one elementwise pass.
+  Scratch beyond the gradient itself is about chunk_size * V float32; on a CPU small chunks (1-16) are
+  also the fastest, their intermediates staying in cache (bench/logits_kl.py). No forward-mode autodiff
+  (jvp).
   """
   return _kl_loss("forward", student_logits, teacher_logits, mask, temperature, reduction, chunk_size,
                   num_tokens)
