@@ -280,16 +280,29 @@ def test_remat_gives_identical_loss_and_gradients():
   config = CONFIGS["qwen3"]
   tokens = jnp.asarray(_tokens((B, T), seed=8))
   results = []
-  for remat in (False, True):
+  for remat in ("none", "block", "save_dots"):
     model = build(config.replace(remat=remat), seed=1)
     loss, grads = _value_and_grad(model, tokens)
     results.append((float(loss), jax.tree.leaves(nnx.to_pure_dict(grads))))
-  (loss0, g0), (loss1, g1) = results
-  assert loss0 == pytest.approx(loss1, abs=1e-6)
-  assert len(g0) == len(g1) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
-  for a, b in zip(g0, g1):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+  (loss0, g0) = results[0]
+  for loss1, g1 in results[1:]:
+    assert loss0 == pytest.approx(loss1, abs=1e-6)
+    assert len(g0) == len(g1) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for a, b in zip(g0, g1):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
   assert min(float(jnp.abs(g).max()) for g in g0) > 1e-4  # every parameter gets a gradient
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+  """One block in the lowered value+grad whatever the depth (compile time: bench/compile_time.py); the
+  recomputation the remat policies add is checked against XLA's FLOP count in tests/test_flops.py."""
+  def dots(num_layers):
+    config = CONFIGS["qwen3"].replace(num_layers=num_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: models.Transformer(config, rngs=nnx.Rngs(0))))
+    loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state)(tokens, jnp.arange(T)[None])[0])
+    lowered = jax.jit(jax.grad(loss)).lower(state, jax.ShapeDtypeStruct((1, T), jnp.int32))
+    return lowered.as_text().count("dot_general")
+  assert dots(1) == dots(7) > 0
 
 
 def test_bfloat16_compute_with_float32_params():
@@ -336,6 +349,10 @@ def test_config_validation():
   with pytest.raises(ValueError, match="vocab_size"):
     models.qwen3(num_kv_heads=2, **{**TINY, "vocab_size": 0})
   assert models.qwen3(num_kv_heads=2, **TINY).family == "qwen3"
+  with pytest.raises(ValueError, match="remat must be one of"):
+    models.qwen3(num_kv_heads=2, remat="all", **TINY)
+  # The boolean of earlier configs: True is "block", False "none".
+  assert [models.qwen3(num_kv_heads=2, remat=r, **TINY).remat for r in (True, False)] == ["block", "none"]
 
 
 # ----------------------------------------------------------------------------- sharding
