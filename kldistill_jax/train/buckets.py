@@ -12,10 +12,13 @@ trimmed batch are those of the full one. Few distinct widths -> few compilations
 The extents are reduced on the device over the GLOBAL batch, so every process cuts the same columns.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kldistill_jax.errors import UserError
 
@@ -32,16 +35,19 @@ def round_up(length, bucket, limit):
   return min(limit, -(-length // bucket) * bucket)
 
 
-@jax.jit
-def _used_columns(mask_BL):
-  # [L] bool: the column holds a real token in some row; replicated on every device (and process).
-  return jnp.any(mask_BL > 0, axis=0)
+@functools.lru_cache(maxsize=None)
+def _used_columns(out_sharding):
+  # [L] bool: the column holds a real token in some row, reduced over the global batch and replicated, so
+  # every process reads the same answer.
+  return jax.jit(lambda mask_BL: jnp.any(mask_BL > 0, axis=0), out_shardings=out_sharding)
 
 
 def extents(mask_BL, prompt_width):
   """(longest prompt, longest completion) of a [B, L] attention mask whose first `prompt_width` columns are
   left-padded prompts: the columns from the first used prompt column / up to the last used one."""
-  used = np.asarray(jax.device_get(_used_columns(mask_BL)))
+  placed = getattr(mask_BL, "sharding", None)
+  replicated = NamedSharding(placed.mesh, PartitionSpec()) if isinstance(placed, NamedSharding) else None
+  used = np.asarray(jax.device_get(_used_columns(replicated)(mask_BL)))
   prompt, completion = used[:prompt_width], used[prompt_width:]
   longest_prompt = prompt_width - int(np.argmax(prompt)) if prompt.any() else 0
   longest_completion = len(completion) - int(np.argmax(completion[::-1])) if completion.any() else 0
