@@ -11,7 +11,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from kldistill_jax import models
+from kldistill_jax.errors import UserError
 from kldistill_jax.models import sharding
+from kldistill_jax.train import defaults, setup
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, head_dim=8)
 # Scaling chosen so that all three Llama 3 bands occur for head_dim 8 / theta 10_000 (wavelengths 6.3, 63,
@@ -353,6 +355,10 @@ def test_config_validation():
     models.qwen3(num_kv_heads=2, remat="all", **TINY)
   # The boolean of earlier configs: True is "block", False "none".
   assert [models.qwen3(num_kv_heads=2, remat=r, **TINY).remat for r in (True, False)] == ["block", "none"]
+  section = defaults.base_config().student
+  section.remat = "all"  # --config.student.remat=all: refused before any model is built, the field named
+  with pytest.raises(UserError, match=r"student\.remat must be one of none, block, save_dots, got 'all'"):
+    setup.load_model(section, "student", 61, None, seed=0)
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -10,6 +10,7 @@ from flax import nnx
 from kldistill_jax import data, objectives
 from kldistill_jax.errors import MissingFileError, UnreadableFileError, UserError
 from kldistill_jax.models import ModelConfig, hf, lora, sharding
+from kldistill_jax.models.config import REMAT
 from kldistill_jax.train import curriculum
 
 MODEL_FIELDS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -224,6 +225,8 @@ def inline_model_config(section, vocab_size, field):
 
 def load_model(section, field, vocab_size, mesh, seed, path=None):
   """`path` (default section.path) as a sharded Transformer, or a fresh one from the inline config."""
+  if section.remat not in REMAT:
+    raise UserError(f"{field}.remat must be one of {', '.join(REMAT)}, got {section.remat!r}")
   path = path or section.path
   if path:
     check_checkpoint_dir(f"{field}.path", path)
