@@ -167,6 +167,15 @@ def ends_with_stop(tokens, mask, stop_sequences):
   return _stop_hit(window, table)
 
 
+def _argmax(x_BV):
+  """int32 [B]: the first index of each row's maximum (jnp.argmax's answer on finite rows) as two plain
+  reductions, a max and a min over the indices that reach it: XLA:CPU runs these vectorised, while
+  argmax's (value, index) pair reduction is scalar code (~1.5 ms per decode step at V = 32k, batch 8)."""
+  index = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)
+  top = jnp.max(x_BV, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(x_BV == top, index, x_BV.shape[-1] - 1), axis=-1)
+
+
 def _step(logits_BV, keys_B, step, settings):
   """One token per row and its statistics: (token, sampling log-prob, model log-prob, model entropy).
 
@@ -177,7 +186,7 @@ def _step(logits_BV, keys_B, step, settings):
   model_logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
   picked = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
   if settings.temperature == 0:
-    token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    token = _argmax(logits_BV)
     sampling_logp = jnp.zeros(token.shape, jnp.float32)
   else:
     sampling_logp_BV = jax.nn.log_softmax(process_logits(logits_BV, settings))

@@ -468,3 +468,12 @@ def test_qwen_sized_vocabulary_draws_the_whole_tail():
   assert _chisquare_pvalue(counts, n * expected_p) > ALPHA
   never_expected = n * p[cumsum_never].sum()  # ~17 draws: the cumsum would give 0, 4.2 sigma below
   assert abs(counts[4] + counts[5] - never_expected) < 3 * math.sqrt(never_expected), (counts, never_expected)
+
+
+def test_argmax_is_the_first_maximum():
+  """The greedy pick (two plain reductions) against numpy's argmax, ties included (first index wins)."""
+  rng = np.random.default_rng(3)
+  x = rng.integers(-3, 4, (64, 97)).astype(np.float32)  # few distinct values: many ties
+  x[5] = 1.0  # a row that is all one tie
+  x[6, [10, 40, 96]] = 9.0
+  np.testing.assert_array_equal(np.asarray(sampling._argmax(jnp.asarray(x))), np.argmax(x, axis=-1))

@@ -184,11 +184,20 @@ def _forward(q, k, v, key_valid, q_offset, layer, blocks):
 
     stats = q_BKRD.shape[:3]
     init = (jnp.full(stats, -jnp.inf), jnp.zeros(stats), jnp.zeros(q_BKRD.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, _key_blocks_needed(q_offset, i, bq, bk, nk), key_block, init)
+    # One key block (a cache of at most BLOCK_K slots) or one query block (every decode step): no loop.
+    # On XLA:CPU a loop around a single small block costs about what the block does (4 decode
+    # layers, batch 8, 320 slots: 5.2 -> 3.0 ms of CPU per step without the two loops).
+    if nk == 1:
+      m, l, acc = key_block(0, init)
+    else:
+      m, l, acc = jax.lax.fori_loop(0, _key_blocks_needed(q_offset, i, bq, bk, nk), key_block, init)
     empty = l == 0
     out = acc / jnp.where(empty, 1.0, l)[..., None]
     return out.astype(q_BKRD.dtype), jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
 
+  if q.shape[0] == 1:  # see above
+    out, lse = query_block(0, q[0])
+    return out[None], lse[None]
   return jax.lax.map(lambda args: query_block(*args), (jnp.arange(q.shape[0]), q))
 
 
