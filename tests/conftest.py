@@ -1,10 +1,19 @@
-"""Simulate 8 CPU devices (for the sharding tests; before jax is imported anywhere), and session fixtures."""
+"""XLA flags for the whole session (before jax is imported anywhere; subprocesses and notebook kernels
+inherit them), and session fixtures.
+
+- 8 simulated CPU devices, for the sharding tests.
+- LLVM at -O0 for XLA's CPU code: the suite compiles hundreds of tiny programs and runs each a few times,
+  so compiling without LLVM's optimisation passes saves more than the slower code costs
+  (tests/test_train_step.py: 162 -> 85 s of CPU). Values stay IEEE float32 (no fast-math at any level);
+  rounding may differ in the last bits from an optimised build (one tolerance in test_chunked_fused.py
+  says so).
+"""
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import json  # noqa: E402  (after the XLA flag above)
 import pathlib  # noqa: E402

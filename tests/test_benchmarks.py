@@ -116,10 +116,10 @@ def test_bad_line_names_file_and_line(tmp_path, fmt, bad_line, message):
   assert message in str(error.value)
 
 
-def test_unknown_format_lists_all_four(tmp_path):
+def test_unknown_format_lists_every_format(tmp_path):
   path = write_jsonl(tmp_path / "ok.jsonl", [GOOD["aime"]])
   with pytest.raises(
-      ValueError, match=r"unknown data format 'aime25' \(expected one of gsm8k, math, aime, amc\)"):
+      ValueError, match=r"unknown data format 'aime25' \(expected one of gsm8k, math, aime, amc, chat\)"):
     read_jsonl(path, "aime25")
   assert data.read_benchmark is read_benchmark
 

@@ -102,8 +102,9 @@ def test_token_stats_chunked(chunk_size):
   full = L.token_stats(s, t, targets, temperature=0.8)
   chunked = L.token_stats(s, t, targets, temperature=0.8, chunk_size=chunk_size)
   assert set(full) == set(chunked)
-  for k in full:
-    np.testing.assert_allclose(chunked[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  for k in full:  # atol: an entropy of ~2e-4 sums terms of ~1e-3 with cancellation; XLA may round it
+    # differently in the two programs (4.8e-7 apart with LLVM at -O0, as the suite compiles)
+    np.testing.assert_allclose(chunked[k], full[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
   def combo(x, c):
     st = L.token_stats(x, t, targets, temperature=0.8, chunk_size=c)
