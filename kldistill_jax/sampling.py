@@ -25,6 +25,7 @@ from flax import nnx
 
 from kldistill_jax.errors import UserError
 from kldistill_jax.losses.chunking import map_position_chunks
+from kldistill_jax.losses.token_logprobs import head_log_probs, token_logprobs
 from kldistill_jax.losses.divergences import entropy_from_log_probs
 from kldistill_jax.models import sharding
 from kldistill_jax.models.cache import init_cache
@@ -313,21 +314,10 @@ def _predictors(model, tokens, mask):
   return predictor, mask.astype(bool) & (previous >= 0), model.output_head()
 
 
-def _head_log_probs(hidden_BCD, head, temperature=1.0):
-  logits = jnp.dot(hidden_BCD, head.astype(hidden_BCD.dtype), preferred_element_type=jnp.float32)
-  return jax.nn.log_softmax(logits / temperature)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def _score(graphdef, state, tokens, mask, temperature, chunk_size):
   predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
-
-  def chunk_fn(hidden_BCD, target_BC):
-    logp = _head_log_probs(hidden_BCD, head, temperature)
-    picked = jnp.take_along_axis(logp, target_BC[..., None], axis=-1)[..., 0]
-    return picked, entropy_from_log_probs(logp)
-
-  logp, ent = map_position_chunks(chunk_fn, (predictor, tokens), chunk_size)
+  logp, ent = token_logprobs(predictor, head, tokens, temperature=temperature, chunk_size=chunk_size)
   return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
 
 
@@ -336,7 +326,7 @@ def _score_topk(graphdef, state, tokens, mask, k, chunk_size):
   predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
 
   def chunk_fn(hidden_BCD):
-    logp, ids = jax.lax.top_k(_head_log_probs(hidden_BCD, head), k)
+    logp, ids = jax.lax.top_k(head_log_probs(hidden_BCD, head), k)
     return ids.astype(jnp.int32), logp
 
   ids, logp = map_position_chunks(chunk_fn, (predictor,), chunk_size)
