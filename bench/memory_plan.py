@@ -1,6 +1,6 @@
 """The measured memory plan of configs/qwen3_8b_to_0p6b.py: every phase compiled, never run.
 
-Command (this CPU, ~5-10 min; nothing is allocated: inputs are `jax.ShapeDtypeStruct`s):
+Command (this 2-core CPU: 85 s when quiet; nothing is allocated: inputs are `jax.ShapeDtypeStruct`s):
 
     python bench/memory_plan.py              # the real shapes: Qwen3-8B -> Qwen3-0.6B, 512 + 4096 tokens
     python bench/memory_plan.py --quick      # tiny shapes, seconds (what the test runs)
@@ -18,7 +18,7 @@ Phases, each at m = 1 and m = 2 rows per device (the bytes are affine in m: resi
   teacher generation   the same with the bfloat16 teacher (the teacher-prefix cells: sft, dagger presets)
   train step (exact)   the config's step: student fwd+bwd (remat="block"), the teacher's forward, the fused
                        mixed-KL loss, AdamW; the state donated
-  train step (:opd)    the `:opd` preset: sampled reverse KL, micro_batches=4 (m rows per micro-batch)
+  train step (:opd)    the `:opd` preset: sampled reverse KL (its micro_batches; m rows per micro-batch)
 For the sampler it also reports where the FSDP all-gathers of the weights sit: inside the layer scans
 (one layer's weights per iteration, freed after use) or outside the loops (held while they run). With the
 layers scanned, only the embedding and the output head are gathered whole.

@@ -31,11 +31,11 @@ on simulated CPU meshes of each target's FSDP width and reads XLA's per-device b
   student generation      1.36      1.28                    1.73      1.28
   teacher generation     11.67      0.88                   17.37      0.95
   train step, exact      11.28      0.76                   18.15      0.71
-  train step, :opd       12.41      0.73 (per micro row)   22.37      0.74
+  train step, :opd       12.71      0.34                   20.12      0.34
 
 Rows per device that fit: H100 61 (generation caps it), v5p 73, v4 25. The whole batch is sampled at once,
 so the sampler's ~1.28 GB per row (the KV cache of 4608 slots and its loop copies) bounds the batch; the
-train step at 0.7 GB per row (flash attention, remat="block", the fused loss; the sampled estimator's
+train step at 0.34-0.76 GB per row (flash attention, remat="block", the fused loss; the sampled estimator's
 log-probs in position chunks) is no longer the limit, which is why `:opd` needs no micro-batches. The
 defaults (8 rows per device on the H100 node, batch 64) use a fraction of the memory: raise batch_size to
 fill it. XLA:CPU computes bf16 matmuls in f32, so its bf16 teacher phases hold f32 weight copies a device
@@ -95,8 +95,8 @@ def get_config(arg=None):
 
 def _opd(c):
   """On-policy distillation at the same scale: reverse KL, sampled estimator. Its token log-probs come
-  from hidden states in chunks of objective.chunk_size positions, so a row costs what the exact step's
-  does (0.73 GB per row per device: bench/memory_plan.py) and no micro-batches are needed."""
+  from hidden states in chunks of objective.chunk_size positions, so a row costs less than the exact
+  step's (0.34 against 0.76 GB per row per device: bench/memory_plan.py) and no micro-batches are needed."""
   presets.objective(c, "opd")
   c.objective.lam = None
   c.micro_batches = 1

@@ -47,6 +47,8 @@ KLS = ("forward", "reverse", "mixed")
 ESTIMATORS = ("exact", "sampled")
 CROSS_TOKENIZER = ("off", "uld", "span")  # see `cross_objectives`
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
+TEACHER_HIDDEN = "teacher_hidden"  # cached final hidden states of the teacher (see `teacher_source`)
+TEACHER_SOURCES = ("live", "hidden", "logprobs", "topk", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +151,48 @@ def mixed(lam, prefix="student"):
 PRESETS = {"sft": sft, "dagger": dagger, "offline_rl": offline_rl, "opd": opd}
 
 
+def teacher_source(objective: Objective, batch, *, live_teacher: bool) -> str:
+  """Where one step's teacher signal comes from: the ONE decision that the train step (what to run),
+  `compute` / `compute_from_hidden` (what to read) and the loop's FLOP count (what ran) share.
+
+    "logprobs"  batch["teacher_logprobs"]: the sampled estimator's per-token teacher log-probs (a cache,
+                or the teacher's own sampler at teacher prefixes); no teacher forward.
+    "hidden"    batch["teacher_hidden"]: the teacher's cached final hidden states; only its output head
+                runs (the exact estimator).
+    "topk"      the batch's top-k teacher log-probs (TOPK_KEYS): the exact forward KL, coarsened to k.
+    "live"      the teacher's forward on the batch (live_teacher: a teacher was given); always with a
+                cross-tokenizer objective (its batches carry no cached teacher outputs).
+    "data"      no teacher: the data's tokens are the teacher (exact forward KL = the cross-entropy).
+
+  Cached outputs win over a live teacher whenever they serve the objective: they are what its forward
+  would compute, without running it.
+  """
+  def has(key):
+    return batch.get(key) is not None
+
+  if objective.cross_tokenizer != "off":
+    return "live"
+  if objective.estimator == "sampled":
+    if has("teacher_logprobs"):
+      return "logprobs"
+    if has(TEACHER_HIDDEN):
+      raise ValueError(f"batch[{TEACHER_HIDDEN!r}] serves objective.estimator='exact'; the sampled estimator "
+                       "reads the cached batch['teacher_logprobs']")
+    if live_teacher:
+      return "live"
+    hint = (" (top-k teacher log-probs serve only kl='forward', estimator='exact')"
+            if any(has(key) for key in TOPK_KEYS) else "")
+    raise ValueError(f"no teacher with estimator='sampled' needs batch['teacher_logprobs']{hint}")
+  if has(TEACHER_HIDDEN):
+    return "hidden"
+  if objective.kl == "forward" and has(TOPK_KEYS[0]):
+    return "topk"
+  if live_teacher:
+    return "live"
+  # Top-k log-probs with another KL: `_topk_forward_kl` refuses them, naming what they serve.
+  return "topk" if any(has(key) for key in TOPK_KEYS) else "data"
+
+
 def align(batch, *logits):
   """(targets [B, L-1], weights [B, L-1], per-token extras shifted, logits[:, :-1] ...): the one shift."""
   tokens, loss_mask = batch["tokens"], batch["loss_mask"]
@@ -246,15 +290,15 @@ def compute(objective: Objective, student_logits, teacher_logits, batch):
   """
   targets, weights, extras, (s_logits, t_logits) = align(batch, student_logits, teacher_logits)
   num_tokens = batch.get("num_tokens")
-  has_topk = any(key in extras for key in TOPK_KEYS)
-  if t_logits is None and objective.estimator == "exact":
-    if has_topk:
-      return _topk_forward_kl(objective, s_logits, weights, extras, num_tokens)
+  source = "live" if t_logits is not None else teacher_source(objective, batch, live_teacher=False)
+  if source == "topk":
+    return _topk_forward_kl(objective, s_logits, weights, extras, num_tokens)
+  if source == "data":
     return _data_cross_entropy(objective, s_logits, targets, weights, num_tokens)
-  if t_logits is None:
-    if "teacher_logprobs" not in extras:
-      hint = " (top-k teacher log-probs serve only kl='forward', estimator='exact')" if has_topk else ""
-      raise ValueError(f"teacher_logits=None with estimator='sampled' needs batch['teacher_logprobs']{hint}")
+  if source == "hidden":
+    raise ValueError(f"batch[{TEACHER_HIDDEN!r}] needs the teacher's head: `compute_from_hidden`, or pass "
+                     "teacher_logits = hidden @ head")
+  if source == "logprobs":
     lp = losses.log_probs(s_logits, objective.temperature)
     stats = {"student_entropy": losses.entropy_from_log_probs(lp),
              "student_logprob": jnp.take_along_axis(lp, targets[..., None], -1)[..., 0],
@@ -297,7 +341,8 @@ def compute_from_hidden(objective: Objective, student_hidden, student_head, teac
 def _sampled_from_hidden(objective, student_hidden, student_head, teacher_hidden, teacher_head, batch):
   targets, weights, extras, (s_hidden, t_hidden) = align(batch, student_hidden, teacher_hidden)
   num_tokens = batch.get("num_tokens")
-  if t_hidden is not None:  # `compute`'s token_stats, one chunk of positions at a time
+  source = "live" if t_hidden is not None else teacher_source(objective, batch, live_teacher=False)
+  if source == "live":  # `compute`'s token_stats, one chunk of positions at a time
     t_hidden, t_head = lax.stop_gradient(t_hidden), lax.stop_gradient(teacher_head)
 
     def chunk_stats(s_chunk, t_chunk, targets_chunk):
@@ -305,15 +350,12 @@ def _sampled_from_hidden(objective, student_hidden, student_head, teacher_hidden
                                 targets_chunk, temperature=objective.temperature)
 
     stats = map_position_chunks(chunk_stats, (s_hidden, t_hidden, targets), objective.chunk_size)
-  elif "teacher_logprobs" in extras:
+  else:  # "logprobs" (teacher_source raised for anything else)
     student_lp, student_entropy = losses.token_logprobs(s_hidden, student_head, targets,
                                                         temperature=objective.temperature,
                                                         chunk_size=objective.chunk_size)
     stats = {"student_entropy": student_entropy, "student_logprob": student_lp,
              "teacher_logprob": extras["teacher_logprobs"].astype(jnp.float32)}
-  else:
-    raise ValueError("the sampled estimator needs the teacher's hidden states and head or "
-                     "batch['teacher_logprobs']")
   loss = _sampled_loss(objective, stats["student_logprob"], lax.stop_gradient(stats["teacher_logprob"]),
                        weights, extras, num_tokens)
   return loss, _metrics(loss, stats, weights, num_tokens)

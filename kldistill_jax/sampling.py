@@ -29,6 +29,7 @@ from kldistill_jax.losses.token_logprobs import head_log_probs, token_logprobs
 from kldistill_jax.losses.divergences import entropy_from_log_probs
 from kldistill_jax.models import sharding
 from kldistill_jax.models.cache import init_cache
+from kldistill_jax.models.sequence import positions as prompt_positions, predictors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +97,6 @@ def process_logits(logits_BV, settings):
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
-
-
-def prompt_positions(prompt_mask):
-  """RoPE positions of prompt tokens: the count of real tokens before each one (padding gets 0)."""
-  mask = prompt_mask.astype(jnp.int32)
-  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
 
 
 def bucket_length(length, minimum=16):
@@ -299,31 +294,16 @@ def sample(model, prompt_tokens, prompt_mask, *, rng, max_new_tokens, temperatur
                                       "entropy")})
 
 
-def _predictors(model, tokens, mask):
-  """(hidden state that predicts each token [B, L, D], whether it has one [B, L]) and the output head.
-
-  Token t is predicted by the hidden state of the previous REAL token (t - 1 in a contiguous row; the
-  last prompt token across the padding gap of a right-padded prompt), found by a running max; padding and
-  each row's first real token have none.
-  """
-  hidden, _ = model(tokens, prompt_positions(mask), None, mask, return_hidden=True)
-  b, length, _ = hidden.shape
-  columns = jnp.where(mask.astype(bool), jnp.arange(length)[None], -1)
-  previous = jnp.concatenate([jnp.full((b, 1), -1), jax.lax.cummax(columns, axis=1)[:, :-1]], axis=1)
-  predictor = jnp.take_along_axis(hidden, jnp.maximum(previous, 0)[..., None], axis=1)
-  return predictor, mask.astype(bool) & (previous >= 0), model.output_head()
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def _score(graphdef, state, tokens, mask, temperature, chunk_size):
-  predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
+  predictor, keep, head = predictors(nnx.merge(graphdef, state), tokens, mask)
   logp, ent = token_logprobs(predictor, head, tokens, temperature=temperature, chunk_size=chunk_size)
   return jnp.where(keep, logp, 0.0), jnp.where(keep, ent, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k", "chunk_size"))
 def _score_topk(graphdef, state, tokens, mask, k, chunk_size):
-  predictor, keep, head = _predictors(nnx.merge(graphdef, state), tokens, mask)
+  predictor, keep, head = predictors(nnx.merge(graphdef, state), tokens, mask)
 
   def chunk_fn(hidden_BCD):
     logp, ids = jax.lax.top_k(head_log_probs(hidden_BCD, head), k)

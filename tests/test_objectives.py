@@ -274,3 +274,37 @@ def test_presets_are_the_2x2():
                    ("student", "reverse")}
   assert objectives.opd.estimator == "sampled" and objectives.opd.discount == 0.0
   assert objectives.mixed(0.25).reverse_weight == 0.25
+
+
+_TOPK = {"teacher_topk_ids": np.zeros((B, L, 2), np.int32), "teacher_topk_logprobs": np.zeros((B, L, 2))}
+_LOGPROBS = {"teacher_logprobs": np.zeros((B, L), np.float32)}
+_HIDDEN = {objectives.TEACHER_HIDDEN: np.zeros((B, L, D), np.float32)}
+
+
+@pytest.mark.parametrize("objective,extra,live,expected", [
+    (objectives.opd, _LOGPROBS, True, "logprobs"),  # a cache wins over the live teacher
+    (objectives.opd, {}, True, "live"),
+    (objectives.offline_rl, {**_LOGPROBS, **_HIDDEN}, False, "logprobs"),
+    (objectives.sft, _TOPK, True, "topk"),
+    (objectives.sft, {**_TOPK, **_HIDDEN}, True, "hidden"),
+    (objectives.mixed(0.5), _TOPK, True, "live"),  # top-k serve only the forward KL
+    (objectives.mixed(0.5), _TOPK, False, "topk"),  # ... and `compute` then refuses them by name
+    (objectives.mixed(0.5), _HIDDEN, False, "hidden"),
+    (objectives.dagger, {}, True, "live"),
+    (dataclasses.replace(objectives.sft, prefix="dataset"), {}, False, "data"),
+    (dataclasses.replace(objectives.opd, cross_tokenizer="span"), _LOGPROBS, True, "live"),
+])
+def test_teacher_source_table(objective, extra, live, expected):
+  assert objectives.teacher_source(objective, dict(tokens=0, **extra), live_teacher=live) == expected
+
+
+@pytest.mark.parametrize("extra,match", [({}, r"needs batch\['teacher_logprobs'\]$"),
+                                         (_TOPK, "top-k teacher log-probs serve only"),
+                                         (_HIDDEN, "serves objective.estimator='exact'")])
+def test_teacher_source_refuses_what_the_sampled_estimator_cannot_read(extra, match):
+  with pytest.raises(ValueError, match=match):
+    objectives.teacher_source(objectives.opd, dict(tokens=0, **extra), live_teacher=False)
+  # `compute` asks the same function, so it refuses the same batches with the same words.
+  with pytest.raises(ValueError, match=match):
+    objectives.compute(objectives.opd, jnp.zeros((B, L, V)), None,
+                       dict(tokens=jnp.zeros((B, L), jnp.int32), loss_mask=jnp.asarray(LOSS_MASK), **extra))

@@ -194,3 +194,30 @@ def test_bf16_compute_keeps_fp32_masters(setup):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.opt_state) if x.ndim)
   np.testing.assert_allclose(metrics["loss"], reference["loss"], rtol=3e-2)
   assert not np.allclose(metrics["loss"], reference["loss"], rtol=1e-6)  # bf16 really ran
+
+
+class _TeacherThatMustNotRun:
+  def merge(self):
+    raise AssertionError("the teacher's forward ran although the batch's cached outputs serve the objective")
+
+
+@pytest.mark.parametrize("objective,cache", [("sft", "topk"), ("opd", "logprobs")])
+def test_cached_teacher_outputs_replace_the_live_forward(setup, objective, cache):
+  """objectives.teacher_source decides for the step too: with cached outputs that serve the objective the
+  step never merges (so never runs) the teacher it was handed, and its loss is the loss on the cache."""
+  from kldistill_jax.train import step as step_lib
+  student, teacher, batch = setup
+  t_logp = np.asarray(jax.nn.log_softmax(jnp.asarray(_logits(teacher, batch), jnp.float32)))
+  cached = {k: jnp.asarray(v) for k, v in batch.items()}
+  if cache == "topk":
+    ids = np.argsort(-t_logp, axis=-1)[..., :V].astype(np.int32)  # k = V: the exact forward KL
+    cached.update(teacher_topk_ids=jnp.asarray(ids),
+                  teacher_topk_logprobs=jnp.asarray(np.take_along_axis(t_logp, ids, -1)))
+  else:
+    picked = np.take_along_axis(t_logp[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
+    cached["teacher_logprobs"] = jnp.asarray(np.pad(picked, ((0, 0), (1, 0))))
+  live = {k: jnp.asarray(v) for k, v in batch.items()}
+  kwargs = dict(student=state_lib.Split(student.graphdef, None, student.rest), objective=CELLS[objective])
+  loss_cached, _ = step_lib.loss_and_metrics(student.params, cached, _TeacherThatMustNotRun(), **kwargs)
+  loss_live, _ = step_lib.loss_and_metrics(student.params, live, teacher, **kwargs)
+  np.testing.assert_allclose(loss_cached, loss_live, rtol=2e-5)

@@ -18,14 +18,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from kldistill_jax import data as data_lib, progress
+from kldistill_jax import data as data_lib, objectives, progress
 from kldistill_jax.errors import Preempted, UserError
 from kldistill_jax.train import (buckets, cross_tokenizer, curriculum, distributed, flops, prefixes, preemption,
                                  setup, tracking, trajectories)
 from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
-from kldistill_jax.train.step import build_train_step, teacher_outputs_cached
+from kldistill_jax.train.step import build_train_step
 from kldistill_jax.models import sharding
 
 
@@ -33,15 +33,15 @@ class NonFiniteLossError(RuntimeError):
   """Training stopped on a NaN/inf metric; the last good checkpoint is kept."""
 
 
-def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_scores, batch_size, prompt_len, length,
+def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_source, batch_size, prompt_len, length,
                 max_new_tokens, decode_steps, teacher_head_shape=None, teacher_length=None):
   """Matmul FLOPs of one step per phase (see `flops.PHASES`); the sampler (if any) ran `decode_steps` of
-  its `max_new_tokens`. teacher_head_shape: (D, V) when the teacher is only its head on cached hidden
-  states (its scoring is then that one matmul)."""
+  its `max_new_tokens`. teacher_source: `objectives.teacher_source` of the step (what the step ran: a
+  "live" teacher forward, or on cached "hidden" states only the head of teacher_head_shape (D, V))."""
   phases = {"student_train": flops.train_flops(student_cfg, batch_size, length)}
-  if teacher_scores:
+  if teacher_source == "live":
     phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, teacher_length or length)
-  if teacher_head_shape is not None:
+  elif teacher_source == "hidden":
     phases["teacher_scoring"] = flops.head_flops(batch_size * length, *teacher_head_shape)
   if generator is not None:
     cfg = student_cfg if generator == "student" else teacher_cfg
@@ -269,7 +269,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
     phases = _step_flops(
         student_cfg=student.config, teacher_cfg=None if teacher is None else teacher.config,
         generator=generator, batch_size=config.batch_size,
-        teacher_scores=teacher is not None and not teacher_outputs_cached(objective, batch),
+        teacher_source=objectives.teacher_source(objective, batch, live_teacher=teacher_input is not None),
         prompt_len=prompt_width, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
         decode_steps=decode_steps, teacher_head_shape=None if teacher_head is None else teacher_head.shape,
         teacher_length=batch["teacher_tokens"].shape[1] if cross is not None else None)

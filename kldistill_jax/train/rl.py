@@ -26,7 +26,7 @@ from kldistill_jax.train import buckets, distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
 from kldistill_jax.train.state import Split, split
 from kldistill_jax.train.step import apply_gradients
-from kldistill_jax.models import sharding
+from kldistill_jax.models import sequence, sharding
 
 POLICY_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
@@ -35,8 +35,7 @@ def token_logprobs(model, batch, temperature, chunk_size=None):
   """[B, L] log-prob of each token under `model` at `temperature`, aligned with the tokens (0 at t = 0).
   From the final hidden states, about `chunk_size` positions at a time (`losses.token_logprobs`): never
   [B, L, V] logits unless chunk_size is None."""
-  mask = batch["attention_mask"]
-  hidden, _ = model(batch["tokens"], sampling.prompt_positions(mask), None, mask, return_hidden=True)
+  hidden = sequence.forward(model, batch["tokens"], batch["attention_mask"])
   targets, _, _, (shifted,) = objectives.align(batch, hidden)
   picked, _ = losses.token_logprobs(shifted, model.output_head(), targets, temperature=temperature,
                                     chunk_size=chunk_size, entropy=False)

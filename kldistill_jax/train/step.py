@@ -24,29 +24,16 @@ from jax import lax
 
 from kldistill_jax import cross_objectives, objectives
 from kldistill_jax.errors import UserError
-from kldistill_jax.sampling import prompt_positions
+from kldistill_jax.models import sequence
 from kldistill_jax.train.state import Split, TrainState
 
-TEACHER_HIDDEN = "teacher_hidden"
+TEACHER_HIDDEN = objectives.TEACHER_HIDDEN
 STEP_KEYS = ("tokens", "attention_mask", "loss_mask", "behavior_logprobs", "teacher_logprobs",
              *objectives.TOPK_KEYS, TEACHER_HIDDEN, *cross_objectives.KEYS)
 
 
 def _forward(model, batch, hidden):
-  mask = batch["attention_mask"]
-  out, _ = model(batch["tokens"], prompt_positions(mask), None, mask, return_hidden=hidden)
-  return out
-
-
-def teacher_outputs_cached(objective, batch) -> bool:
-  """Whether the batch's cached teacher outputs replace the teacher forward: per-token log-probs serve
-  the sampled estimator, top-k log-probs the exact forward KL, final hidden states the exact KL (only the
-  teacher's head then runs). (The loop counts FLOPs by it too.)"""
-  if objective.estimator == "sampled":
-    return "teacher_logprobs" in batch
-  if TEACHER_HIDDEN in batch:
-    return True
-  return objective.kl == "forward" and objectives.TOPK_KEYS[0] in batch
+  return sequence.forward(model, batch["tokens"], batch["attention_mask"], hidden=hidden)
 
 
 def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True, shared_vocab=None):
@@ -55,10 +42,10 @@ def loss_and_metrics(params, batch, teacher, *, student, objective, fused=True, 
   model = student.merge(params)
   if objective.cross_tokenizer != "off":
     return _cross_tokenizer(model, batch, teacher.merge(), objective, shared_vocab)
-  if TEACHER_HIDDEN in batch:
+  source = objectives.teacher_source(objective, batch, live_teacher=teacher is not None)
+  if source == "hidden":
     return _from_cached_hidden(model, batch, teacher, objective=objective, fused=fused)
-  cached = teacher_outputs_cached(objective, batch)
-  teacher_model = None if teacher is None or cached else teacher.merge()
+  teacher_model = teacher.merge() if source == "live" else None
   if fused and (teacher_model is not None or objective.estimator == "sampled"):
     # Never materialises [B, L, V] logits: the exact KL fused (losses.fused_token_kl), the sampled
     # estimator's token log-probs in position chunks (losses.token_logprobs).
@@ -87,9 +74,6 @@ def _from_cached_hidden(model, batch, teacher_head, *, objective, fused):
   """The exact loss at cached teacher hidden states: the teacher's logits are hidden @ head, nothing more.
   The bfloat16 states are cast to the head's dtype first (float32 for a float32 teacher: what its live
   forward would hand the loss), so the only difference from a live teacher is the states' rounding."""
-  if objective.estimator != "exact":
-    raise ValueError("batch['teacher_hidden'] serves objective.estimator='exact'; the sampled estimator "
-                     "reads the cached batch['teacher_logprobs']")
   if getattr(teacher_head, "ndim", None) != 2:
     raise ValueError("batch['teacher_hidden'] needs the teacher's output head [D, V] as the teacher "
                      f"argument, got {type(teacher_head).__name__}")

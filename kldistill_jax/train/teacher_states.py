@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kldistill_jax import sampling
-from kldistill_jax.models import sharding
+from kldistill_jax.models import sequence, sharding
 from kldistill_jax.train import distributed
 
 DTYPE = jnp.bfloat16  # of the stored states
@@ -31,16 +30,14 @@ DTYPE = jnp.bfloat16  # of the stored states
 
 def hidden_states(model, tokens, mask):
   """bfloat16 [B, L, D]: the model's final hidden states on (tokens, mask), the call the train step's live
-  teacher makes (`model(tokens, prompt_positions(mask), None, mask, return_hidden=True)`), rounded."""
+  teacher makes (`models.sequence.forward`), rounded."""
   graphdef, state = nnx.split(model)
   return _hidden_states(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _hidden_states(graphdef, state, tokens, mask):
-  hidden, _ = nnx.merge(graphdef, state)(tokens, sampling.prompt_positions(mask), None, mask,
-                                         return_hidden=True)
-  return hidden.astype(DTYPE)
+  return sequence.forward(nnx.merge(graphdef, state), tokens, mask).astype(DTYPE)
 
 
 def write_head(file, teacher) -> str:
