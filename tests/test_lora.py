@@ -1,6 +1,7 @@
 """LoRA students: the adapter math, gradients only in the adapters, PEFT and merged exports that
 transformers / peft load with our logits, exact resume with adapter-only checkpoints, the runner's exports."""
 
+import dataclasses
 import json
 
 import jax
@@ -17,7 +18,8 @@ from kldistill_jax import data, objectives
 from kldistill_jax.errors import UserError
 from kldistill_jax.models import Transformer, hf, lora, peft_export, qwen3
 from kldistill_jax.models.transformer import Dense
-from kldistill_jax.train import runner, setup, state as state_lib
+from kldistill_jax.train import flops, runner, setup, state as state_lib
+from kldistill_jax.train.metrics import read_metrics
 from kldistill_jax.train.loop import train_stage
 from kldistill_jax.train.checkpointing import Checkpointer, _flat_paths
 from kldistill_jax.train.step import build_train_step, loss_and_metrics
@@ -215,4 +217,15 @@ def test_runner_exports_a_merged_student_and_a_peft_adapter_that_agree(tmp_path)
   with with_adapter.disable_adapter():
     untrained = hf_models.torch_logits(with_adapter, tokens, mask, positions)
   assert np.abs(trained - untrained).max() > 1e-3  # the adapters did train
+  # The FLOP counters know only the adapters trained: each step's student_train increment is the LoRA
+  # count at some training length, never the full fine-tuning count (which would be ~1.4x larger).
+  metrics = read_metrics(tmp_path)
+  increments = np.diff([0] + [m["student_train_flops"] for m in metrics])
+  model_config = dataclasses.replace(hf.read_config(tmp_path / "student"), attention=config.student.attention,
+                                     remat=config.student.remat)
+  adapters = lora.LoraConfig(rank=4, alpha=8.0)
+  lora_counts = {flops.train_flops(model_config, config.batch_size, n, lora=adapters) for n in range(1, 512)}
+  full_counts = {flops.train_flops(model_config, config.batch_size, n) for n in range(1, 512)}
+  assert len(increments) == config.steps and all(int(x) in lora_counts for x in increments)
+  assert not any(int(x) in full_counts for x in increments)
   assert np.abs(trained - hf_models.torch_logits(merged, tokens, mask, positions))[mask.astype(bool)].max() <= 1e-4

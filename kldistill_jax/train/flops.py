@@ -37,11 +37,24 @@ def head_flops(tokens: int, hidden_size: int, vocab_size: int) -> int:
   return 2 * tokens * hidden_size * vocab_size
 
 
-def _dense_per_token(config: ModelConfig, lm_head: bool = True) -> int:
-  """FLOPs per token of every matmul whose size does not depend on the number of keys."""
+def _adapters_per_token(config: ModelConfig, lora, skip=()) -> int:
+  """FLOPs per token of the LoRA adapters' forward, x @ A [in, r] then @ B [r, out], on every targeted
+  projection but `skip` (lora: a `models.lora.LoraConfig`, or None: no adapters, 0)."""
+  if lora is None:
+    return 0
+  d, h, kv, hd, i = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                     config.intermediate_size)
+  shapes = {"q_proj": (d, h * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (h * hd, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+  return config.num_layers * sum(2 * lora.rank * sum(shapes[t]) for t in lora.targets if t not in skip)
+
+
+def _dense_per_token(config: ModelConfig, lm_head: bool = True, lora=None) -> int:
+  """FLOPs per token of every matmul whose size does not depend on the number of keys (with `lora`, the
+  adapters' too: they run beside the frozen kernels, never merged into them while training or sampling)."""
   mlp = 3 * 2 * config.hidden_size * config.intermediate_size  # gate, up, down
   head = head_flops(1, config.hidden_size, config.vocab_size) if lm_head else 0
-  return config.num_layers * (_projections_per_token(config) + mlp) + head
+  return config.num_layers * (_projections_per_token(config) + mlp) + head + _adapters_per_token(config, lora)
 
 
 def _attention_per_query_key(config: ModelConfig) -> int:
@@ -74,16 +87,17 @@ def attention_pairs(config: ModelConfig, queries: int, keys: int, offset: int = 
 
 
 def forward_flops(config: ModelConfig, batch: int, seq_len: int, *, context_len: int | None = None,
-                  offset: int = 0, lm_head: bool = True) -> int:
+                  offset: int = 0, lm_head: bool = True, lora=None) -> int:
   """One forward pass over `seq_len` new tokens per row at slots [offset, offset + seq_len) of a key axis
   of `context_len` slots (default: the sequence itself; a cache: its S slots), LM head on every position
-  (lm_head=False: up to the final hidden states, as `model(..., return_hidden=True)` computes)."""
+  (lm_head=False: up to the final hidden states, as `model(..., return_hidden=True)` computes).
+  lora: the model's `models.lora.LoraConfig` when it carries adapters (`models.lora.config_of`)."""
   keys = seq_len if context_len is None else context_len
-  return batch * (seq_len * _dense_per_token(config, lm_head)
+  return batch * (seq_len * _dense_per_token(config, lm_head, lora)
                   + _attention_per_query_key(config) * attention_pairs(config, seq_len, keys, offset))
 
 
-def _recomputed(config: ModelConfig, seq_len: int) -> int:
+def _recomputed(config: ModelConfig, seq_len: int, lora=None) -> int:
   """What `config.remat` adds per row. "block": the backward pass reruns each block's forward up to its
   last matmul (the down projection's output only feeds the residual sum, which no gradient needs, so it
   is dropped from the recomputation, as is the LM head, outside the blocks). "save_dots": the projections'
@@ -94,23 +108,34 @@ def _recomputed(config: ModelConfig, seq_len: int) -> int:
   if config.remat == "save_dots":
     return attention_forward
   gate_up = 2 * 2 * config.hidden_size * config.intermediate_size
-  return seq_len * config.num_layers * (_projections_per_token(config) + gate_up) + attention_forward
+  # The down projection's adapter: x @ A is rerun (dB needs it), its @ B output only feeds the residual.
+  down_a = 0 if lora is None or "down_proj" not in lora.targets else \
+      config.num_layers * 2 * lora.rank * config.intermediate_size
+  return (seq_len * (config.num_layers * (_projections_per_token(config) + gate_up)
+                     + _adapters_per_token(config, lora, skip=("down_proj",)) + down_a) + attention_forward)
 
 
-def train_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
+def train_flops(config: ModelConfig, batch: int, seq_len: int, *, lora=None) -> int:
   """Forward plus backward (gradients of inputs and of weights: two forwards), plus what `config.remat`
   recomputes (Qwen3-0.6B at 4k tokens, remat="block": about 0.7 of a forward more). That is what the
   hardware runs; MFU in its usual sense leaves the recomputation out (pass the config with
-  remat="none")."""
+  remat="none").
+
+  lora: the student's `models.lora.LoraConfig` when only its adapters train. The frozen kernels then get
+  no weight gradients (their backward is the input gradient alone: one forward, not two) and the adapters
+  cost three forwards of their own (forward, input and weight gradients)."""
   attention_forward = batch * _attention_per_query_key(config) * attention_pairs(config, seq_len, seq_len)
   backward = _BACKWARD_PER_FORWARD[_kernel(config, seq_len, seq_len, 0)]
-  dense = 3 * batch * seq_len * _dense_per_token(config)
-  recomputed = batch * _recomputed(config, seq_len)
+  if lora is None:
+    dense = 3 * batch * seq_len * _dense_per_token(config)
+  else:
+    dense = batch * seq_len * (2 * _dense_per_token(config) + 3 * _adapters_per_token(config, lora))
+  recomputed = batch * _recomputed(config, seq_len, lora)
   return dense + int((1 + backward) * attention_forward) + recomputed
 
 
 def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, *,
-                     decode_steps: int | None = None, bucket: bool = True) -> int:
+                     decode_steps: int | None = None, bucket: bool = True, lora=None) -> int:
   """What one `sampling.sample(model, [batch, prompt_len] prompts, max_new_tokens=...)` call computes.
 
   The sampler pads the prompt width P up to `sampling.bucket_length` (unless bucket=False) and allocates
@@ -126,9 +151,10 @@ def generation_flops(config: ModelConfig, batch: int, prompt_len: int, max_new_t
   if not 0 <= steps <= max_new_tokens:
     raise ValueError(f"decode_steps must be in [0, max_new_tokens={max_new_tokens}], got {decode_steps}")
   cache_len = width + max_new_tokens
-  return (forward_flops(config, batch, width, context_len=cache_len, lm_head=False)
+  return (forward_flops(config, batch, width, context_len=cache_len, lm_head=False, lora=lora)
           + head_flops(batch, config.hidden_size, config.vocab_size)
-          + sum(forward_flops(config, batch, 1, context_len=cache_len, offset=width + i) for i in range(steps)))
+          + sum(forward_flops(config, batch, 1, context_len=cache_len, offset=width + i, lora=lora)
+                for i in range(steps)))
 
 
 PHASES = ("student_generation", "student_train", "teacher_generation", "teacher_scoring", "eval")

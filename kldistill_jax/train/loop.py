@@ -26,7 +26,7 @@ from kldistill_jax.train.checkpointing import Checkpointer
 from kldistill_jax.train.metrics import MetricsWriter
 from kldistill_jax.train.state import Split, init_state, make_optimizer, split, state_shardings
 from kldistill_jax.train.step import build_train_step
-from kldistill_jax.models import sharding
+from kldistill_jax.models import lora, sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,19 +34,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _step_flops(*, student_cfg, teacher_cfg, generator, teacher_source, batch_size, prompt_len, length,
-                max_new_tokens, decode_steps, teacher_head_shape=None, teacher_length=None):
+                max_new_tokens, decode_steps, teacher_head_shape=None, teacher_length=None, student_lora=None):
   """Matmul FLOPs of one step per phase (see `flops.PHASES`); the sampler (if any) ran `decode_steps` of
   its `max_new_tokens`. teacher_source: `objectives.teacher_source` of the step (what the step ran: a
-  "live" teacher forward, or on cached "hidden" states only the head of teacher_head_shape (D, V))."""
-  phases = {"student_train": flops.train_flops(student_cfg, batch_size, length)}
+  "live" teacher forward, or on cached "hidden" states only the head of teacher_head_shape (D, V)).
+  student_lora: the student's `models.lora.LoraConfig` when only its adapters train."""
+  phases = {"student_train": flops.train_flops(student_cfg, batch_size, length, lora=student_lora)}
   if teacher_source == "live":
     phases["teacher_scoring"] = flops.forward_flops(teacher_cfg, batch_size, teacher_length or length)
   elif teacher_source == "hidden":
     phases["teacher_scoring"] = flops.head_flops(batch_size * length, *teacher_head_shape)
   if generator is not None:
-    cfg = student_cfg if generator == "student" else teacher_cfg
+    cfg, adapters = (student_cfg, student_lora) if generator == "student" else (teacher_cfg, None)
     phases[f"{generator}_generation"] = flops.generation_flops(cfg, batch_size, prompt_len, max_new_tokens,
-                                                               decode_steps=decode_steps)
+                                                               decode_steps=decode_steps, lora=adapters)
   return phases
 
 
@@ -218,6 +219,7 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
   """
   check_batch_size(config, mesh)
   model = split(student)
+  adapters = lora.config_of(student)  # for the FLOP count: only a LoRA student's adapters get gradients
   if teacher_head is not None and trajectory_cache is None:
     raise ValueError("teacher_head needs a trajectory_cache built with teacher_cache.hidden_states=True")
   teacher_input = teacher_head if teacher_head is not None else None if teacher is None else split(teacher)
@@ -272,7 +274,8 @@ def train_stage(config, workdir, *, student, teacher, objective, tokenizer, sour
         teacher_source=objectives.teacher_source(objective, batch, live_teacher=teacher_input is not None),
         prompt_len=prompt_width, length=batch["tokens"].shape[1], max_new_tokens=max_new_tokens,
         decode_steps=decode_steps, teacher_head_shape=None if teacher_head is None else teacher_head.shape,
-        teacher_length=batch["teacher_tokens"].shape[1] if cross is not None else None)
+        teacher_length=batch["teacher_tokens"].shape[1] if cross is not None else None,
+        student_lora=adapters)
     flops.accumulate(meta["flops"], eval=eval_flops, **phases)
     return state, metrics, events
 

@@ -26,7 +26,7 @@ from kldistill_jax.train import buckets, distributed, flops, grpo, prefixes
 from kldistill_jax.train.loop import check_batch_size, data_iterator, initial_state, run_loop
 from kldistill_jax.train.state import Split, split
 from kldistill_jax.train.step import apply_gradients
-from kldistill_jax.models import sequence, sharding
+from kldistill_jax.models import lora, sequence, sharding
 
 POLICY_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
@@ -126,6 +126,7 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
   check_batch_size(config, mesh)
   rows = config.batch_size * g.group_size
   model = split(policy)
+  adapters = lora.config_of(policy)  # for the FLOP count: only a LoRA policy's adapters get gradients
   optimizer, state, shardings = initial_state(config, model, mesh,
                                               total_steps=config.steps * g.updates_per_batch)
   settings = dict(temperature=float(s.temperature), clip_eps=float(g.clip_eps), kl_coef=float(g.kl_coef),
@@ -173,8 +174,9 @@ def grpo_stage(config, workdir, *, policy, reference, tokenizer, source, mesh, c
     decode_steps = int(round(metrics["max_length"]))
     flops.accumulate(meta["flops"],
                      student_generation=flops.generation_flops(policy.config, rows, prompt_len, s.max_new_tokens,
-                                                               decode_steps=decode_steps),
-                     student_train=g.updates_per_batch * flops.train_flops(policy.config, rows, length),
+                                                               decode_steps=decode_steps, lora=adapters),
+                     student_train=g.updates_per_batch * flops.train_flops(policy.config, rows, length,
+                                                                           lora=adapters),
                      teacher_scoring=flops.forward_flops(reference.config, rows, length) if g.kl_coef > 0 else 0)
     return state, metrics, set()
 

@@ -73,7 +73,7 @@ def _evaluate(config, model, tokenizer, records, mesh, check, desc="eval", **ove
                                rng=jax.random.key(e.seed), mesh=mesh, desc=desc, **settings)
   result["flops"] = sum(flops.generation_flops(model.config, local_batch * jax.process_count(),
                                                config.data.prompt_len, settings["max_new_tokens"],
-                                               decode_steps=steps)
+                                               decode_steps=steps, lora=lora.config_of(model))
                         for steps in result.pop("decode_steps"))
   return result
 
