@@ -12,7 +12,7 @@ text here (`<|im_start|>` is 12 byte tokens), so `data.template = "chat"` works 
 
 import functools
 
-from kldistill_jax.data.tokenizers import check_thinking, save_hf_files
+from kldistill_jax.data.tokenizers import BuiltinTokenizer, check_thinking, save_hf_files
 
 _SPECIALS = 2  # pad, EOS
 _UNUSED = "\ufffd"  # how decode shows ids past the bytes (an untrained model may sample them)
@@ -43,15 +43,10 @@ def _bytes_to_unicode():
   return chars
 
 
-class ByteTokenizer:
+class ByteTokenizer(BuiltinTokenizer):
   """One id per UTF-8 byte: 0 = pad, 1 = EOS, 2 + b = byte b; the same interface as `CharTokenizer`."""
 
-  pad_id = 0
-  eos_id = 1
-  eos_ids = (1,)
-  bos_id = None
   name = "byte-v1"
-  special_tokens = ("<pad>", "</s>")  # the names of ids 0 and 1 in the Hugging Face export (`to_hf`)
   chat_template = CHAT_TEMPLATE
 
   def __init__(self):
@@ -65,9 +60,6 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [b + _SPECIALS for b in text.encode("utf-8")]
-
-  def encode_batch(self, texts) -> list[list[int]]:
-    return [self.encode(text) for text in texts]
 
   def decode(self, ids) -> str:
     """Text of `ids` up to the first EOS, padding dropped; bytes that are not valid UTF-8 (a model's

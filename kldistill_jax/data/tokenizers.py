@@ -23,15 +23,27 @@ CHAR_ALPHABET = "0123456789+-=,.#:? \nQAuestionwr"
 _UNUSED = "\ufffd"  # how decode shows ids past the alphabet (an untrained model may sample them)
 
 
-class CharTokenizer:
-  """One id per character: 0 = pad, 1 = EOS, then `CHAR_ALPHABET` (vocab rounded up to a multiple of 8)."""
+class BuiltinTokenizer:
+  """What the built-in tokenizers share: id 0 = pad, id 1 = EOS (the only one), no BOS, and one encode
+  per text in `encode_batch`."""
 
   pad_id = 0
   eos_id = 1
   eos_ids = (1,)
   bos_id = None
-  name = "char-v1"
   special_tokens = ("<pad>", "</s>")  # the names of ids 0 and 1 in the Hugging Face export (`to_hf`)
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode_batch(self, texts) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
+
+
+class CharTokenizer(BuiltinTokenizer):
+  """One id per character: 0 = pad, 1 = EOS, then `CHAR_ALPHABET` (vocab rounded up to a multiple of 8)."""
+
+  name = "char-v1"
 
   def __init__(self):
     self._ids = {c: i + 2 for i, c in enumerate(CHAR_ALPHABET)}
@@ -45,9 +57,6 @@ class CharTokenizer:
                         f"{self.name} alphabet {CHAR_ALPHABET!r}")
       ids.append(self._ids[char])
     return ids
-
-  def encode_batch(self, texts) -> list[list[int]]:
-    return [self.encode(text) for text in texts]
 
   def decode(self, ids) -> str:
     chars = []

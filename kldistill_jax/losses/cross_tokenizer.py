@@ -49,14 +49,20 @@ def bernoulli_kl(log_p, log_q):
   return p * (log_p - log_q) + (1.0 - p) * (_log1mexp(log_p) - _log1mexp(log_q))
 
 
-def mixed_bernoulli_kl(student_span_logprob, teacher_span_logprob, *, lam):
-  """lam * KL(Bern(Q)||Bern(P)) + (1 - lam) * KL(Bern(P)||Bern(Q)); lam = weight of the REVERSE KL."""
+def _mix(kl, student, teacher, lam):
+  """lam * kl(student, teacher) + (1 - lam) * kl(teacher, student): lam = the weight of the REVERSE KL; a
+  direction with weight 0 is not computed (so lam = 0 / 1 are exactly the pure directions)."""
   out = 0.0
   if lam < 1:
-    out += (1.0 - lam) * bernoulli_kl(teacher_span_logprob, student_span_logprob)
+    out += (1.0 - lam) * kl(teacher, student)
   if lam > 0:
-    out += lam * bernoulli_kl(student_span_logprob, teacher_span_logprob)
+    out += lam * kl(student, teacher)
   return out
+
+
+def mixed_bernoulli_kl(student_span_logprob, teacher_span_logprob, *, lam):
+  """lam * KL(Bern(Q)||Bern(P)) + (1 - lam) * KL(Bern(P)||Bern(Q)); lam = weight of the REVERSE KL."""
+  return _mix(bernoulli_kl, student_span_logprob, teacher_span_logprob, lam)
 
 
 def shared_vocab_kl(student_logits, teacher_logits, student_ids, teacher_ids, *, lam, temperature=1.0):
@@ -69,12 +75,7 @@ def shared_vocab_kl(student_logits, teacher_logits, student_ids, teacher_ids, *,
   """
   s_logp = log_probs(jnp.take(student_logits, student_ids, axis=-1), temperature)
   t_logp = log_probs(jnp.take(teacher_logits, teacher_ids, axis=-1), temperature)
-  out = 0.0
-  if lam < 1:
-    out += (1.0 - lam) * kl_from_log_probs(t_logp, s_logp)
-  if lam > 0:
-    out += lam * kl_from_log_probs(s_logp, t_logp)
-  return out
+  return _mix(kl_from_log_probs, s_logp, t_logp, lam)
 
 
 def uld_distance(student_logits, teacher_logits, *, temperature=1.0):
