@@ -2,7 +2,7 @@
 the exact one, KL mixing, the entropy-gated length curriculum (fixed and teacher-relative floor), GRPO from
 the forward-KL and the reverse-KL students, every entry once per seed; writes report.md with plots.
 
-  python run.py --config configs/study.py --workdir /tmp/study            # 3 seeds: ~50 min on 2 CPU cores
+  python run.py --config configs/study.py --workdir /tmp/study            # 3 seeds: 51 min on 2 CPU cores (measured)
   python run.py --config configs/study.py:smoke --workdir /tmp/study_smoke   # 2 seeds, every stage tiny: tests
   python run.py --config configs/study.py:paper --config.teacher.path=/ckpt/Qwen3-8B \\
     --config.student.path=/ckpt/Qwen3-0.6B --config.data.tokenizer=/ckpt/Qwen3-0.6B \\
