@@ -3,7 +3,7 @@
 Command (this 2-core CPU: 85 s when quiet; nothing is allocated: inputs are `jax.ShapeDtypeStruct`s):
 
     python bench/memory_plan.py              # the real shapes: Qwen3-8B -> Qwen3-0.6B, 512 + 4096 tokens
-    python bench/memory_plan.py --quick      # tiny shapes, seconds (what the test runs)
+    python bench/memory_plan.py --quick      # tiny shapes in MB: ~75 s (the same 16 compiles, smaller)
 
 Each phase of the run is lowered and compiled by XLA:CPU on a simulated mesh of the target's FSDP width
 (`--xla_force_host_platform_device_count`), and `compiled.memory_analysis()` gives the bytes one device
@@ -12,7 +12,8 @@ and replicates everything else, so a device's program on mesh (data, fsdp, 1) wi
 program of mesh (1, fsdp, 1) with m rows per device: that is what is compiled (fsdp 8 for the H100 node
 and v4-64, fsdp 4 for v5p-64).
 
-Phases, each at m = 1 and m = 2 rows per device (the bytes are affine in m: resident + m x per row):
+Phases, each at m = 1 and m = 2 rows per device (the bytes are affine in m: resident + m x per row; at
+--quick's toy shapes buffer reuse can make "per row" negative, and "rows that fit" is then "-"):
   student generation   the sampler over the student (its float32 masters, as the loop hands them over),
                        512-token prompts + 4096 new tokens, whole batch at once
   teacher generation   the same with the bfloat16 teacher (the teacher-prefix cells: sft, dagger presets)
@@ -53,7 +54,7 @@ from kldistill_jax.models.config import QWEN3_0P6B, QWEN3_8B, qwen3  # noqa: E40
 from kldistill_jax.train import setup, state as state_lib, step as step_lib  # noqa: E402
 from kldistill_jax.train.presets import apply_arg  # noqa: E402,F401  (the config file uses it)
 
-GB = 1e9  # --quick reports MB (1e6 B) instead
+UNIT = (1e9, "GB")  # bytes per printed unit; --quick reports MB (1e6 B) instead
 # name: (HBM bytes per device, the pod's mesh (data, fsdp, tensor), chips)
 TARGETS = {
     "8x H100-80GB": (80e9, (1, 8, 1), 8),
@@ -195,7 +196,8 @@ def measure(name, compile_fn):
     began = time.perf_counter()
     compiled = compile_fn(m)
     out[m] = (per_device_bytes(compiled), time.perf_counter() - began, compiled)
-    print(f"  {name}, {m} row(s)/device: {out[m][0] / GB:.2f} GB, compiled in {out[m][1]:.0f} s", flush=True)
+    print(f"  {name}, {m} row(s)/device: {out[m][0] / UNIT[0]:.2f} {UNIT[1]}, compiled in {out[m][1]:.0f} s",
+          flush=True)
   return out
 
 
@@ -206,6 +208,10 @@ def fits(hbm, measured):
   if per_row <= 0:
     return resident, per_row, None
   return resident, per_row, int((hbm - resident) // per_row)
+
+
+def _count(params):
+  return f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
 
 
 def plan(args):
@@ -219,9 +225,9 @@ def plan(args):
     teacher_base = student_base.replace(hidden_size=128, intermediate_size=256, num_layers=3)
   length = prompt_len + new_tokens
   print(f"jax {jax.__version__}, XLA:{jax.devices()[0].platform.upper()} ({_DEVICES} simulated devices); "
-        f"student {student_base.num_params() / 1e9:.2f}B ({exact.student.param_dtype} masters, "
+        f"student {_count(student_base.num_params())} ({exact.student.param_dtype} masters, "
         f"{exact.student.compute_dtype} compute, remat={exact.student.remat}), teacher "
-        f"{teacher_base.num_params() / 1e9:.2f}B ({exact.teacher.param_dtype}); prompt {prompt_len} + "
+        f"{_count(teacher_base.num_params())} ({exact.teacher.param_dtype}); prompt {prompt_len} + "
         f"{new_tokens} new tokens", flush=True)
   widths = sorted({(mesh[1], mesh[2]) for _, mesh, _ in TARGETS.values()}, reverse=True)
   results = {}
@@ -245,7 +251,8 @@ def plan(args):
 
 
 def report(results, shape):
-  print("\n## Bytes per device (GB = 1e9 B) and rows per device that fit\n")
+  scale, unit = UNIT
+  print(f"\n## Bytes per device ({unit} = {scale:.0e} B) and rows per device that fit\n")
   print("Resident = what does not grow with the batch (weights, optimizer state, compiled scratch); per row "
         "= each more row per device (per micro-batch row for :opd). Rows that fit = (HBM - resident) / per "
         "row, at the whole HBM.\n")
@@ -256,7 +263,7 @@ def report(results, shape):
     for phase, measured in phases.items():
       resident, per_row, rows = fits(hbm, measured)
       rows_text = "-" if rows is None else (f"{rows}" if rows > 0 else "0 (does not fit)")
-      print(f"| {target} {mesh} | {hbm / GB:.1f} | {phase} | {resident / GB:.2f} | {per_row / GB:.3f} | "
+      print(f"| {target} {mesh} | {hbm / scale:.1f} | {phase} | {resident / scale:.2f} | {per_row / scale:.3f} | "
             f"{rows_text} | {measured[1][1]:.0f} s |")
   print("\n## All-gathers of the sampler (FSDP)\n")
   print("Inside loops: in the layer scans (prefill and decode), one layer's weights per iteration, freed "
@@ -266,19 +273,20 @@ def report(results, shape):
   for (fsdp, tensor), phases in results.items():
     for phase in ("student generation", "teacher generation"):
       inside, outside, largest = all_gathers(phases[phase][1][2].as_text())
-      print(f"| (1, {fsdp}, {tensor}) | {phase.split()[0]} | {inside / GB:.3f} GB | {outside / GB:.3f} GB | "
-            f"{largest / GB:.3f} GB |")
+      print(f"| (1, {fsdp}, {tensor}) | {phase.split()[0]} | {inside / scale:.3f} {unit} | "
+            f"{outside / scale:.3f} {unit} | {largest / scale:.3f} {unit} |")
   print(f"\nprompt {shape['prompt_len']} + {shape['new_tokens']} new tokens; :opd rows are per micro-batch "
         f"(micro_batches={shape['micro_batches']}). XLA:CPU figures: approximate the device compilers'.")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds)")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny models and lengths, figures in MB (~75 s: the same compiles, smaller)")
   args = parser.parse_args()
   if args.quick:
-    global GB
-    GB = 1e6
+    global UNIT
+    UNIT = (1e6, "MB")
   began = time.perf_counter()
   results, shape = plan(args)
   report(results, shape)
