@@ -114,8 +114,9 @@ def test_value_and_grad_agrees_with_xla(remat, unrolled):
   _close(_xla(jax.value_and_grad(loss), state, *_tokens(B, T)), train_flops(config, B, T))
 
 
-@pytest.mark.parametrize("remat", ["none", "block", "save_dots"])
-@pytest.mark.parametrize("targets", [lora_lib.TARGETS, ("q_proj", "v_proj"), ("down_proj",)])
+@pytest.mark.parametrize("remat,targets", [("none", lora_lib.TARGETS), ("block", lora_lib.TARGETS),
+                                           ("save_dots", lora_lib.TARGETS), ("none", ("q_proj", "v_proj")),
+                                           ("block", ("down_proj",))])
 def test_lora_value_and_grad_agrees_with_xla(remat, targets):
   """Only the adapters train: the frozen kernels get no weight gradients (a third of the dense FLOPs in
   the full fine-tuning count), the adapters cost three forwards of their own.

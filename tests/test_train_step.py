@@ -220,4 +220,6 @@ def test_cached_teacher_outputs_replace_the_live_forward(setup, objective, cache
   kwargs = dict(student=state_lib.Split(student.graphdef, None, student.rest), objective=CELLS[objective])
   loss_cached, _ = step_lib.loss_and_metrics(student.params, cached, _TeacherThatMustNotRun(), **kwargs)
   loss_live, _ = step_lib.loss_and_metrics(student.params, live, teacher, **kwargs)
-  np.testing.assert_allclose(loss_cached, loss_live, rtol=2e-5)
+  # The cache holds float32 log-probs of the teacher's logits computed outside the step; the live path
+  # recomputes them inside it (other fusion, other summation order): float32 rounding apart, 2.5e-5 seen.
+  np.testing.assert_allclose(loss_cached, loss_live, rtol=1e-4)
