@@ -2,6 +2,7 @@
 `span` == the ordinary token-level loss when both tokenizers are one, and a short run that improves a
 student whose tokenizer (a BPE trained here) differs from the teacher's (the built-in char tokenizer)."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,28 +168,26 @@ def test_span_equals_token_level_loss_with_one_tokenizer():
   s_logits = logits(batch["tokens"], batch["attention_mask"]) + rng.normal(size=(2, 28, v)).astype(np.float32)
   t_same = logits(batch["tokens"], batch["attention_mask"])  # the teacher at the student's ids
   t_own = logits(arrays["teacher_tokens"], arrays["teacher_attention_mask"])  # ... at its own
-  ordinary = objectives.Objective(prefix="student", kl=kl, lam=lam, estimator="exact")
-  span = objectives.Objective(prefix="student", kl=kl, lam=lam, estimator="exact", cross_tokenizer="span")
+  def span_equals_token_level(ordinary, step_batch):
+    """The span objective on the teacher's own ids vs `ordinary` on the student's: values and gradients."""
+    span = dataclasses.replace(ordinary, cross_tokenizer="span")
+    (want, _), want_grad = jax.value_and_grad(
+        lambda s: objectives.compute(ordinary, s, t_same, step_batch), has_aux=True)(s_logits)
+    (got, metrics), got_grad = jax.value_and_grad(
+        lambda s: cross_objectives.compute(span, s, t_own, step_batch, cross.shared), has_aux=True)(s_logits)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+    return metrics
+
   jbatch = {k: jnp.asarray(x) for k, x in {**batch, **arrays}.items()}
-  (want, _), want_grad = jax.value_and_grad(
-      lambda s: objectives.compute(ordinary, s, t_same, jbatch), has_aux=True)(s_logits)
-  (got, metrics), got_grad = jax.value_and_grad(
-      lambda s: cross_objectives.compute(span, s, t_own, jbatch, cross.shared), has_aux=True)(s_logits)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+  metrics = span_equals_token_level(objectives.Objective(prefix="student", kl=kl, lam=lam, estimator="exact"),
+                                    jbatch)
   assert metrics["cross_exact_fraction"] == 1 and metrics["cross_unaligned_fraction"] == 0
 
   # The sampled estimator (reverse KL, REINFORCE per span): one-token spans are the ordinary per-token one.
   behavior = rng.normal(size=batch["tokens"].shape).astype(np.float32) - 2.0
-  sampled_batch = dict(jbatch, behavior_logprobs=jnp.asarray(behavior))
-  ordinary = objectives.Objective(prefix="student", kl="reverse", estimator="sampled")
-  span = objectives.Objective(prefix="student", kl="reverse", estimator="sampled", cross_tokenizer="span")
-  (want, _), want_grad = jax.value_and_grad(
-      lambda s: objectives.compute(ordinary, s, t_same, sampled_batch), has_aux=True)(s_logits)
-  (got, _), got_grad = jax.value_and_grad(
-      lambda s: cross_objectives.compute(span, s, t_own, sampled_batch, cross.shared), has_aux=True)(s_logits)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+  span_equals_token_level(objectives.Objective(prefix="student", kl="reverse", estimator="sampled"),
+                          dict(jbatch, behavior_logprobs=jnp.asarray(behavior)))
 
   uld = objectives.Objective(prefix="student", kl="forward", estimator="exact", cross_tokenizer="uld")
   got, _ = cross_objectives.compute(uld, s_logits, t_own, jbatch, cross.shared)
