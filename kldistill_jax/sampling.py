@@ -25,7 +25,7 @@ from flax import nnx
 
 from kldistill_jax.errors import UserError
 from kldistill_jax.losses.chunking import map_position_chunks
-from kldistill_jax.losses.token_logprobs import head_log_probs, token_logprobs
+from kldistill_jax.losses.token_logprobs import head_log_probs, head_logits, token_logprobs
 from kldistill_jax.losses.divergences import entropy_from_log_probs
 from kldistill_jax.models import sharding
 from kldistill_jax.models.cache import init_cache
@@ -204,8 +204,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, keys, settings, mesh=
   # runs on that one position only, never on [B, P, V].
   last = jnp.max(jnp.where(prompt_mask.astype(bool), jnp.arange(p)[None], 0), axis=1)
   last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  next_logits = jnp.dot(last_hidden, model.output_head().astype(last_hidden.dtype),
-                        preferred_element_type=jnp.float32)
+  next_logits = head_logits(last_hidden, model.output_head())
   eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)
   stops = _stop_table(settings.stop_sequences)
 
